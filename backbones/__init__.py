@@ -1,0 +1,1 @@
+"""Token mixers, blocks, multi-dimensional scans and stacks (built on ``seqapps.kernels``)."""

@@ -1,0 +1,1 @@
+"""The recurrences as plain functions over tensors, layout ``[B, T, H, D]``."""

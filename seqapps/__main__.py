@@ -1,0 +1,7 @@
+"""``python -m seqapps`` = the ``seqapps`` command."""
+
+import sys
+
+from seqapps.cli import main
+
+sys.exit(main())

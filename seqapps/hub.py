@@ -1,0 +1,37 @@
+"""Loading export folders in plain PyTorch: no Lightning, no Hydra.
+
+An export folder holds ``config.yaml`` (the model as a ``_target_`` spec, and what it needs
+to know of its data), ``model.safetensors``, ``model.onnx`` and a model card ``README.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from seqapps.errors import InputError
+
+
+def read_export_config(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / "config.yaml"
+    if not path.is_file() or not (folder / "model.safetensors").is_file():
+        raise InputError(f"'{folder}' is not an export folder (it needs config.yaml and "
+                         "model.safetensors); make one with `seqapps export run=<run folder>`")
+    return yaml.safe_load(path.read_text())
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The exported model, weights loaded, in eval mode; ``model.seqapps_config`` holds the
+    export's ``config.yaml`` (data columns, lookback, horizon, scaling, metrics)."""
+    from seqapps.tasks.build import instantiate
+
+    config = read_export_config(folder)
+    model = instantiate(config["model"])
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
+    model.seqapps_config = config
+    return model.to(device).eval()

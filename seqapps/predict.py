@@ -1,0 +1,40 @@
+"""``seqapps predict``: run an export folder, a run folder or a checkpoint on a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from seqapps.errors import InputError
+from seqapps.runs import atomic_write_text
+
+
+def load_for_predict(source: str):
+    """``(model, data_info, predictor path)`` from an export folder, run folder or checkpoint."""
+    path = Path(source)
+    if (path / "model.safetensors").is_file():
+        from seqapps.hub import load
+
+        model = load(path)
+        return model, model.seqapps_config["data"], model.seqapps_config.get("predictor")
+    if path.is_dir() or path.is_file():
+        from seqapps.runs import load_module, resolve_checkpoint
+
+        module = load_module(resolve_checkpoint(str(path), None) if path.is_dir() else path)
+        return module.export_module().eval(), module.data_info, module.predictor
+    raise InputError(f"model: nothing at '{source}'; give an export folder, a run folder or a .ckpt file")
+
+
+def run_predict(cfg: DictConfig) -> Path:
+    from seqapps.tasks.build import locate
+
+    model, info, predictor = load_for_predict(cfg.model)
+    if not predictor:
+        raise InputError(f"model: '{cfg.model}' names no predictor, so it cannot run on files")
+    result = locate(predictor)(model, info, cfg.input)
+    out = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(".forecast.csv")
+    atomic_write_text(out, result.to_csv(index=False))
+    print(result.to_string(index=False, max_rows=12))
+    print(f"written: {out}")
+    return out

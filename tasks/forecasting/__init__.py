@@ -1,0 +1,1 @@
+"""Forecasting: AR-Net and backbone forecasters on Time-Series-Library data."""
