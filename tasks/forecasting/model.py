@@ -88,7 +88,8 @@ class ARNet(nn.Module):
 def sparsity_penalty(weights: torch.Tensor, c1: float = 3.0, c2: float = 3.0) -> torch.Tensor:
     """AR-Net's regulariser: near-L0 for small weights, saturating for large ones; mean over
     the weights (the paper's ``1/p Σ``)."""
-    magnitude = weights.abs().clamp_min(1e-12) ** (1.0 / c2)
+    zero = weights == 0  # |θ|^(1/c2) has an infinite slope at 0: keep its gradient finite there
+    magnitude = torch.where(zero, 0.0, torch.where(zero, 1.0, weights.abs()) ** (1.0 / c2))
     return (2.0 / (1.0 + torch.exp(-c1 * magnitude)) - 1.0).mean()
 
 
