@@ -33,16 +33,10 @@ examples:
 """
 
 
-def _train(cfg):
+def _train(cfg):  # train and finetune: finetune.yaml adds `pretrained`
     from seqapps.train import run_train
 
     run_train(cfg)
-
-
-def _finetune(cfg):
-    from seqapps.train import run_train
-
-    run_train(cfg, finetune=True)
 
 
 def _evaluate(cfg):
@@ -70,7 +64,7 @@ def _predict(cfg):
     run_predict(cfg)
 
 
-VERBS: dict[str, Callable] = {"train": _train, "evaluate": _evaluate, "finetune": _finetune,
+VERBS: dict[str, Callable] = {"train": _train, "evaluate": _evaluate, "finetune": _train,
                               "export": _export, "predict": _predict}
 
 

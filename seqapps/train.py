@@ -59,7 +59,9 @@ def load_pretrained(module, source: str) -> dict:
     return load_matching(module.net, net_state)
 
 
-def run_train(cfg: DictConfig, finetune: bool = False) -> Path:
+def run_train(cfg: DictConfig) -> Path:
+    """Fit ``cfg`` (``train.yaml``, or ``finetune.yaml`` whose ``pretrained`` names the weights
+    to start from); returns the run folder."""
     import lightning as L
     from hydra.utils import instantiate
 
@@ -68,7 +70,7 @@ def run_train(cfg: DictConfig, finetune: bool = False) -> Path:
     if resume and not Path(resume).is_file():
         raise InputError(f"ckpt_path: no checkpoint at '{resume}'; give runs/<run>/checkpoints/last.ckpt")
     datamodule, module = build_data_and_module(cfg)
-    if finetune:
+    if cfg.get("pretrained"):
         report = load_pretrained(module, cfg.pretrained)
         print(f"finetune: loaded {len(report['loaded'])} tensors from {cfg.pretrained}; "
               f"new: {', '.join(report['reinitialised']) or 'none'}; freeze={cfg.module.freeze} "

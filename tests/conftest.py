@@ -21,8 +21,8 @@ TINY = ["data.dataset=ar", "data.ar.n_samples=600", "data.seq_len=8", "data.pred
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m seqapps <args>`` in ``cwd``; returns the finished process (text output)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.run([sys.executable, "-m", "seqapps", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -57,15 +57,18 @@ class ForecastModule(SeqappsModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.mse_loss(self.net(x), y)
-        self.log("train/mse", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(x))
+        self._log_epoch("train/mse", loss, len(x), prog_bar=True)
         weight = self.regularizer_weight()
         if weight > 0:
             reg = self.hparams.regularizer
             penalty = self.net.sparsity_penalty(reg.get("c1", 3.0), reg.get("c2", 3.0))
             loss = loss + weight * penalty
-            self.log("train/sparsity_penalty", penalty, on_epoch=True, on_step=False, batch_size=len(x))
-        self.log("train/loss", loss, on_epoch=True, on_step=False, batch_size=len(x))
+            self._log_epoch("train/sparsity_penalty", penalty, len(x))
+        self._log_epoch("train/loss", loss, len(x))
         return loss
+
+    def _log_epoch(self, name: str, value: torch.Tensor, batch_size: int, **kwargs) -> None:
+        self.log(name, value, on_epoch=True, on_step=False, batch_size=batch_size, sync_dist=True, **kwargs)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
