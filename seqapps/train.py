@@ -82,6 +82,11 @@ def run_train(cfg: DictConfig) -> Path:
         run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP worker: its launcher chose the folder
     elif resume:
         run_dir = Path(resume).resolve().parent.parent
+    elif cfg.paths.run_dir:  # chosen by the user, e.g. the same for every process of torchrun
+        run_dir = Path(cfg.paths.run_dir)
+        if int(os.environ.get("RANK", "0")) == 0 and (run_dir / "config.yaml").exists():
+            raise InputError(f"paths.run_dir: '{run_dir}' already holds a run; give a new folder, "
+                             "or ckpt_path=<its last.ckpt> to resume it")
     else:
         run_dir = new_run_dir(cfg.paths.runs, name)
     with open_dict(cfg):
