@@ -58,7 +58,8 @@ def test_export_loads_without_lightning_and_matches_checkpoint_and_onnx(trained_
             "print('ok', tuple(m(torch.zeros(1, 8, 1)).shape))\n")
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # run outside the repository, as a user would: its seqapps/ folder must not shadow the install
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "ok (1, 4, 1)" in proc.stdout, proc.stderr[-2000:]
 
     csv = _history_csv(tmp_path / "history.csv")
