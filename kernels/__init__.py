@@ -1,1 +1,14 @@
-"""The recurrences as plain functions over tensors, layout ``[B, T, H, D]``."""
+"""The recurrences as plain functions over tensors, layout ``[B, T, H, D]``.
+
+Each op returns ``(output, final_state)``, takes ``initial_state`` and ``backend=``:
+``recurrent`` (the loop, the oracle and the streaming ``*_step``), ``chunk`` (chunked
+parallel PyTorch, the CPU default and export path), ``triton`` (GPU kernels; on CPU under
+``TRITON_INTERPRET=1``); ``auto`` picks triton for CUDA tensors, chunk elsewhere.
+"""
+
+from seqapps.kernels.delta_rule import delta_rule, delta_rule_step
+from seqapps.kernels.gla import gated_linear_attention, gla_step
+from seqapps.kernels.selective_scan import selective_scan, selective_scan_step
+
+__all__ = ["gated_linear_attention", "gla_step", "delta_rule", "delta_rule_step", "selective_scan",
+           "selective_scan_step"]
