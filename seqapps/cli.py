@@ -21,6 +21,7 @@ verbs:
   finetune   train from pretrained weights (pretrained=<run|ckpt|export>) with a freezing policy
   export     a checkpoint -> an export folder (config.yaml, model.safetensors, model.onnx, card)
   predict    run an export folder or checkpoint on a CSV (model=... input=...)
+  bench      speed and memory of the kernels' backends against SDPA, matmul, mambapy, fla
   list       what can be built: tasks, experiments, trainers
 
 examples:
@@ -58,6 +59,17 @@ def _export(cfg):
           f"ONNX vs PyTorch largest difference {summary['onnx_max_abs_diff']:.2e})")
 
 
+def _bench(cfg):
+    from seqapps.bench import markdown, run_bench, write_result
+    from seqapps.tasks.build import to_plain
+
+    options = to_plain(cfg)
+    out = options.pop("out")
+    result = run_bench(**options)
+    print(markdown(result))
+    print(f"written: {write_result(result, out)} (and .md)")
+
+
 def _predict(cfg):
     from seqapps.predict import run_predict
 
@@ -65,7 +77,7 @@ def _predict(cfg):
 
 
 VERBS: dict[str, Callable] = {"train": _train, "evaluate": _evaluate, "finetune": _train,
-                              "export": _export, "predict": _predict}
+                              "export": _export, "predict": _predict, "bench": _bench}
 
 
 def run_list() -> None:
