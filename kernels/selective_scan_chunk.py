@@ -69,7 +69,7 @@ def selective_scan_chunk(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         pad = n_chunks * c - t
         if pad:
             x = F.pad(x, (0, 0) * (x.ndim - 2) + (0, pad))
-        return x.reshape(batch, n_chunks, c, *x.shape[2:]).transpose(0, 2)
+        return x.reshape(batch, n_chunks, c, *x.shape[2:]).transpose(0, 2).contiguous()
 
     def by_group(x: torch.Tensor) -> torch.Tensor:
         """Split the last dim, ``D`` -> ``[G, Dg]``."""

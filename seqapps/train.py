@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seqapps.errors import InputError
@@ -27,10 +28,23 @@ def fill_auto(net_cfg: DictConfig, info: dict) -> None:
             net_cfg[key] = info[key]
 
 
+def instantiate(node, **kwargs):
+    """``hydra.utils.instantiate``, with a bad option turned into one line naming the node."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, InputError):
+            raise cause from None
+        detail = " ".join(str(cause or err).split())
+        raise InputError(f"cannot build {node.get('_target_', 'an object')}: {detail}") from None
+
+
 def build_data_and_module(cfg: DictConfig):
     """Instantiate and check the datamodule, then the module (with ``auto`` options filled)."""
-    from hydra.utils import instantiate
-
     datamodule = instantiate(cfg.data)
     datamodule.load()
     fill_auto(cfg.module.net, datamodule.info())
@@ -63,7 +77,6 @@ def run_train(cfg: DictConfig) -> Path:
     """Fit ``cfg`` (``train.yaml``, or ``finetune.yaml`` whose ``pretrained`` names the weights
     to start from); returns the run folder."""
     import lightning as L
-    from hydra.utils import instantiate
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = cfg.ckpt_path
@@ -76,7 +89,8 @@ def run_train(cfg: DictConfig) -> Path:
               f"new: {', '.join(report['reinitialised']) or 'none'}; freeze={cfg.module.freeze} "
               f"({module.freeze_counts['trainable']:,} trainable, {module.freeze_counts['frozen']:,} frozen)")
 
-    # Only now, with everything checked, decide on and create the run folder.
+    # Only now, with everything checked, decide on the run folder; it is created once the
+    # trainer, its callbacks and loggers are built.
     name = cfg.get("experiment_name") or cfg.get("task_name") or "run"
     if os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP worker: its launcher chose the folder
@@ -91,12 +105,13 @@ def run_train(cfg: DictConfig) -> Path:
         run_dir = new_run_dir(cfg.paths.runs, name)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [RNGState()]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
                           plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_global_zero and not resume:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes DDP launches

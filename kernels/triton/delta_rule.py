@@ -69,8 +69,8 @@ def _delta_step(state, k_t, v_t, beta_t, decay_t):
 
 @triton.jit
 def _delta_rule_fwd_kernel(q, k, v, beta, g, initial_state, o, final_state, checkpoints,
-                           scale, T, n_chunks, chunk,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                           scale, T, n_chunks,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
                            HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
                            STORE_CHECKPOINTS: tl.constexpr):
@@ -90,11 +90,13 @@ def _delta_rule_fwd_kernel(q, k, v, beta, g, initial_state, o, final_state, chec
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
 
-    for c in range(n_chunks):
+    # A while loop: the interpreter cannot take a runtime scalar as a range bound.
+    c = 0
+    while c < n_chunks:
         if STORE_CHECKPOINTS:
             tl.store(checkpoints + (i_bh * n_chunks + c) * K * V + state_offs, state, mask=mask_state)
-        for i in range(chunk):
-            t = c * chunk + i
+        for i in range(CHUNK):
+            t = c * CHUNK + i
             valid = t < T
             row = (i_b * T + t) * H + i_h
             q_t, k_t, v_t, beta_t, decay_t = _load_token(q, k, v, beta, g, row, valid, offs_k, mask_k,
@@ -102,6 +104,7 @@ def _delta_rule_fwd_kernel(q, k, v, beta, g, initial_state, o, final_state, chec
             _, _, state = _delta_step(state, k_t, v_t, beta_t, decay_t)
             o_t = scale * tl.sum(state * q_t[:, None], axis=0)
             tl.store(o + row * V + offs_v, o_t.to(o.dtype.element_ty), mask=mask_v & valid)
+        c += 1
 
     if STORE_FINAL:
         tl.store(final_state + i_bh * K * V + state_offs, state, mask=mask_state)
@@ -110,8 +113,8 @@ def _delta_rule_fwd_kernel(q, k, v, beta, g, initial_state, o, final_state, chec
 @triton.jit
 def _delta_rule_bwd_kernel(q, k, v, beta, g, checkpoints, d_o, d_final, scratch,
                            dq_parts, dk_parts, dv, dbeta_parts, dg_parts, d_initial,
-                           scale, T, n_chunks, chunk, B,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                           scale, T, n_chunks, B,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
                            HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr):
     i_v = tl.program_id(0)
@@ -125,8 +128,8 @@ def _delta_rule_bwd_kernel(q, k, v, beta, g, checkpoints, d_o, d_final, scratch,
     mask_v = offs_v < V
     mask_state = mask_k[:, None] & mask_v[None, :]
     state_offs = offs_k[:, None] * V + offs_v[None, :]
-    # This program's scratch: `chunk` slots of a [BK, BV] state, dense (padding included).
-    scratch_base = scratch + (i_bh * n_v + i_v) * chunk * BK * BV
+    # This program's scratch: `CHUNK` slots of a [BK, BV] state, dense (padding included).
+    scratch_base = scratch + (i_bh * n_v + i_v) * CHUNK * BK * BV
     slot_offs = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
     # Per value block partial sums of the gradients that reduce over V.
     parts_row0 = i_v.to(tl.int64) * B * T * H
@@ -136,13 +139,13 @@ def _delta_rule_bwd_kernel(q, k, v, beta, g, checkpoints, d_o, d_final, scratch,
     else:
         d_state = tl.zeros([BK, BV], dtype=tl.float32)
 
-    for c_rev in range(n_chunks):
-        c = n_chunks - 1 - c_rev
+    c = n_chunks - 1
+    while c >= 0:
         # Replay the chunk from its checkpoint, keeping the state before every step.
         state = tl.load(checkpoints + (i_bh * n_chunks + c) * K * V + state_offs, mask=mask_state, other=0.0)
         tl.debug_barrier()  # the previous chunk's reads of the scratch are done
-        for i in range(chunk):
-            t = c * chunk + i
+        for i in range(CHUNK):
+            t = c * CHUNK + i
             row = (i_b * T + t) * H + i_h
             tl.store(scratch_base + i * BK * BV + slot_offs, state)
             _, k_t, v_t, beta_t, decay_t = _load_token(q, k, v, beta, g, row, t < T, offs_k, mask_k,
@@ -150,9 +153,9 @@ def _delta_rule_bwd_kernel(q, k, v, beta, g, checkpoints, d_o, d_final, scratch,
             _, _, state = _delta_step(state, k_t, v_t, beta_t, decay_t)
         tl.debug_barrier()  # the scratch is written before any thread reads it back
 
-        for i_rev in range(chunk):
-            i = chunk - 1 - i_rev
-            t = c * chunk + i
+        for i_rev in range(CHUNK):
+            i = CHUNK - 1 - i_rev
+            t = c * CHUNK + i
             valid = t < T
             row = (i_b * T + t) * H + i_h
             prev_state = tl.load(scratch_base + i * BK * BV + slot_offs)
@@ -179,26 +182,35 @@ def _delta_rule_bwd_kernel(q, k, v, beta, g, checkpoints, d_o, d_final, scratch,
                            - beta_t * tl.sum(d_correction * recalled, axis=0))
                 tl.store(dg_parts + parts_row0 + row, decay_t * d_decay, mask=valid)
             d_state = decay_t * d_state + k_t[:, None] * d_recalled[None, :]
+        c -= 1
 
     if STORE_D_INITIAL:
         tl.store(d_initial + i_bh * K * V + state_offs, d_state.to(d_initial.dtype.element_ty), mask=mask_state)
 
 
-def _blocks(dk: int, dv: int) -> tuple[int, int]:
-    """``(BK, BV)``: the whole key dimension, and a value block of at most 32 columns, fewer for
-    wide keys so that a state slice stays near 4096 fp32 registers per program."""
+def _blocks(dk: int, dv: int) -> tuple[int, int, int]:
+    """``(BK, BV, num_warps)``: the whole key dimension, and a value block of at most 32
+    columns, fewer for wide keys, so that a ``[BK, BV]`` fp32 state slice stays near 2048
+    elements; 8 warps for such slices keep the backward free of register spills on sm_90."""
     block_k = triton.next_power_of_2(dk)
-    block_v = min(triton.next_power_of_2(dv), 32, max(16, 4096 // block_k))
-    return block_k, block_v
+    block_v = min(triton.next_power_of_2(dv), 32, max(16, 2048 // block_k))
+    num_warps = 8 if block_k * block_v >= 2048 else 4
+    return block_k, block_v, num_warps
+
+
+def _chunking(t: int, checkpoint_every: int) -> tuple[int, int]:
+    """``(steps per chunk, number of chunks)``. The chunk length is a compile-time constant;
+    short sequences round it up to a power of two so that few variants get compiled."""
+    chunk = min(checkpoint_every, triton.next_power_of_2(t))
+    return chunk, triton.cdiv(t, chunk)
 
 
 def _forward(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, keep_checkpoints):
     """Launch the forward kernel on contiguous inputs; returns ``(o, final_state, checkpoints)``."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    block_k, block_v = _blocks(dk, dv)
-    chunk = min(checkpoint_every, t)
-    n_chunks = triton.cdiv(t, chunk)
+    block_k, block_v, num_warps = _blocks(dk, dv)
+    chunk, n_chunks = _chunking(t, checkpoint_every)
     o = torch.empty_like(v, dtype=q.dtype)
     final_state = (torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
                    if output_final_state else None)
@@ -208,10 +220,10 @@ def _forward(q, k, v, beta, g, scale, initial_state, output_final_state, checkpo
     _delta_rule_fwd_kernel[grid](
         q, k, v, beta, g if g is not None else beta, initial_state if initial_state is not None else q,
         o, final_state if final_state is not None else o, checkpoints if checkpoints is not None else o,
-        float(scale), t, n_chunks, chunk,
-        H=h, K=dk, V=dv, BK=block_k, BV=block_v, HAS_G=g is not None,
+        float(scale), t, n_chunks,
+        H=h, K=dk, V=dv, CHUNK=chunk, BK=block_k, BV=block_v, HAS_G=g is not None,
         HAS_INITIAL=initial_state is not None, STORE_FINAL=output_final_state,
-        STORE_CHECKPOINTS=keep_checkpoints)
+        STORE_CHECKPOINTS=keep_checkpoints, num_warps=num_warps)
     return o, final_state, checkpoints
 
 
@@ -219,9 +231,8 @@ def _backward(q, k, v, beta, g, scale, checkpoints, d_o, d_final, initial_state,
     """Launch the backward kernel; returns ``(dq, dk, dv, dbeta, dg, d_initial_state)``."""
     b, t, h, dk = q.shape
     dv_dim = v.shape[-1]
-    block_k, block_v = _blocks(dk, dv_dim)
-    chunk = min(checkpoint_every, t)
-    n_chunks = triton.cdiv(t, chunk)
+    block_k, block_v, num_warps = _blocks(dk, dv_dim)
+    chunk, n_chunks = _chunking(t, checkpoint_every)
     n_v = triton.cdiv(dv_dim, block_v)
     device = q.device
     f32 = dict(dtype=torch.float32, device=device)
@@ -237,9 +248,9 @@ def _backward(q, k, v, beta, g, scale, checkpoints, d_o, d_final, initial_state,
         d_final if d_final is not None else d_o, scratch,
         dq_parts, dk_parts, dv, dbeta_parts, dg_parts if dg_parts is not None else dbeta_parts,
         d_initial if d_initial is not None else dv,
-        float(scale), t, n_chunks, chunk, b,
-        H=h, K=dk, V=dv_dim, BK=block_k, BV=block_v, HAS_G=g is not None,
-        HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=d_initial is not None)
+        float(scale), t, n_chunks, b,
+        H=h, K=dk, V=dv_dim, CHUNK=chunk, BK=block_k, BV=block_v, HAS_G=g is not None,
+        HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=d_initial is not None, num_warps=num_warps)
     dg = dg_parts.sum(0).to(g.dtype) if g is not None else None
     return (dq_parts.sum(0).to(q.dtype), dk_parts.sum(0).to(k.dtype), dv,
             dbeta_parts.sum(0).to(beta.dtype), dg, d_initial)

@@ -1,0 +1,458 @@
+"""Gated linear attention as chunked Triton kernels, forward and backward.
+
+Per batch and head, with the state ``S [K, V]`` and the log decay ``g_t [K]`` (a scalar per head
+is broadcast over ``K``):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ,        o_t = scale · S_tᵀ q_t.
+
+**Chunks.** Time is cut into chunks of ``BT`` steps. Inside a chunk let ``G_i`` be the log decay
+summed from the chunk's first step up to and including step ``i`` (``[K]``, one per key
+dimension) and ``H`` the state entering the chunk. Unrolling the recurrence gives
+
+    o_i = scale · [ (q_i ⊙ e^{G_i})ᵀ H  +  Σ_{j ≤ i} A_ij v_j ],   A_ij = Σ_d q_id k_jd e^{G_id − G_jd}
+    H'  = e^{G_last} ⊙ H + Σ_j (k_j ⊙ e^{G_last − G_j}) v_jᵀ          (⊙ scales the rows of H)
+
+so one sequential pass over chunks computes the states at chunk boundaries, and everything
+else is parallel over chunks and made of matrix products.
+
+**Keeping every exponent ≤ 0.** For decays (``g ≤ 0``) every exponent above is a sum of ``g``
+over a stretch of time, hence ≤ 0, except inside ``A``: writing ``A = (q e^{G})(k e^{-G})ᵀ``
+would overflow ``e^{-G}`` for strong decays. So each chunk is split into sub-blocks of ``BC``
+rows. For a query sub-block ``I`` after a key sub-block ``J``, a reference row ``r`` between
+them splits ``e^{G_i − G_j} = e^{G_i − G_r} · e^{G_r − G_j}`` into two factors ≤ 1 and the
+block of ``A`` is one ``tl.dot``. The diagonal sub-blocks (``i, j`` in the same sub-block) are
+computed elementwise, one key (or query) row at a time, with the exponent masked to ``-inf``
+above the diagonal. Decays of ``-20`` per step underflow to exact zeros instead of ``inf·0``.
+
+**Backward.** The gradient of the state entering chunk ``c`` runs backwards:
+
+    dH_c = e^{G_last} ⊙ dH_{c+1} + scale · Σ_i (q_i ⊙ e^{G_i}) do_iᵀ,    dH_{n_chunks} = d final state,
+
+and ``dH_0`` is the gradient of the initial state. With it, per chunk (sums over the chunk):
+
+    dq_i = scale · [ e^{G_i} ⊙ (H do_i) + Σ_{j ≤ i} (do_i · v_j) e^{G_i − G_j} ⊙ k_j ]
+    dk_j = scale · Σ_{i ≥ j} (do_i · v_j) e^{G_i − G_j} ⊙ q_i  +  e^{G_last − G_j} ⊙ (dH_{c+1} v_j)
+    dv_j = scale · Σ_{i ≥ j} A_ij do_i  +  dH_{c+1}ᵀ (k_j ⊙ e^{G_last − G_j})
+
+computed with the same sub-block scheme. For the decay: ``q_i`` and ``k_j`` only ever appear
+as ``q_i e^{G_i}`` and ``k_j e^{−G_j}`` (and the outgoing state carries a factor ``e^{G_last}``),
+so the gradient with respect to ``G_i`` is ``q_i ⊙ dq_i − k_i ⊙ dk_i``, plus
+``Σ_v (dH_{c+1} ⊙ H_{c+1})`` at the chunk's last step. Since ``G`` is a cumulative sum of ``g``
+inside the chunk, ``dg`` is the reverse cumulative sum of that within the chunk.
+
+**Kernels.** ``_chunk_cumsum`` (``G``, fp32, padded to whole chunks by repeating the last
+value), ``_forward_states`` and ``_backward_states`` (the only sequential loops; one program
+per (key block, value block, batch·head); they write all chunk-boundary states to an fp32
+buffer ``[B·H, n_chunks + 1, K, V]`` whose last slot is the final state / its gradient),
+``_forward_output``, ``_backward_dv`` and ``_backward_dq_dk_dg`` (one program per chunk).
+Matrix products take the input dtype (bf16/fp16 as on tensor cores, fp32 exactly) and
+accumulate in fp32; everything elementwise is fp32. ``K`` and ``V`` up to 256, any ``T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqapps.errors import InputError
+
+CHUNK = 64     # BT: steps between stored states
+SUB = 16       # BC: rows of an intra-chunk sub-block (the smallest tl.dot size)
+STATE_BLOCK = 64   # key / value block of the sequential state kernels
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _head_start(bh, H, T, D):
+    """Offset of element ``(b, 0, h, 0)`` of a contiguous ``[B, T, H, D]`` tensor (int64)."""
+    bh = bh.to(tl.int64)
+    return ((bh // H) * T * H + bh % H) * D
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_stride, row_mask, cols, col_mask):
+    """Block ``ptr[rows, cols]`` of a row-major matrix as fp32, zeros outside the masks."""
+    offsets = rows[:, None] * row_stride + cols[None, :]
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_row(ptr, row, row_stride, valid, cols, col_mask):
+    """Row ``ptr[row, cols]`` as fp32, zeros where masked or when ``valid`` is false."""
+    return tl.load(ptr + row * row_stride + cols, mask=col_mask & valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``a @ b`` with operands in ``DTYPE`` (the input dtype) and an fp32 result."""
+    return tl.dot(a.to(DTYPE), b.to(DTYPE), input_precision=PRECISION)
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _chunk_cumsum_kernel(g, G, T, T_pad, H, K: tl.constexpr, PER_KEY: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr):
+    """``G [B, T_pad, H, K]`` fp32: the log decay summed from the start of each chunk. Rows
+    past ``T`` read ``g = 0``, so they repeat the last value. Grid ``(n_chunks, B·H)``."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    rows = c * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BK)
+    col_mask = cols < K
+    if PER_KEY:
+        decay = _load_tile(g + _head_start(bh, H, T, K), rows, H * K, rows < T, cols, col_mask)
+    else:
+        per_head = tl.load(g + _head_start(bh, H, T, 1) + rows * H, mask=rows < T, other=0.0).to(tl.float32)
+        decay = tl.where(col_mask[None, :], per_head[:, None], 0.0)
+    offsets = _head_start(bh, H, T_pad, K) + rows[:, None] * H * K + cols[None, :]
+    tl.store(G + offsets, tl.cumsum(decay, axis=0), mask=col_mask[None, :] & (rows < T_pad)[:, None])
+
+
+@triton.jit
+def _forward_states_kernel(k, v, G, initial_state, states, T, T_pad, n_chunks, H,
+                           K: tl.constexpr, V: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """``states[bh, c]`` = the state entering chunk ``c``; slot ``n_chunks`` is the final state.
+    Grid ``(K blocks, V blocks, B·H)``: the rows and columns of ``S`` evolve independently."""
+    kb, vb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = kb * BK + tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    k, v = k + _head_start(bh, H, T, K), v + _head_start(bh, H, T, V)
+    G = G + _head_start(bh, H, T_pad, K)
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    states = states + bh.to(tl.int64) * (n_chunks + 1) * K * V
+    if HAS_INITIAL:
+        S = tl.load(initial_state + bh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0)
+        S = S.to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    # A while loop: the interpreter cannot take a runtime scalar as a range bound.
+    c = 0
+    while c < n_chunks:
+        tl.store(states + c * K * V + state_offs, S, mask=state_mask)
+        rows = c * BT + tl.arange(0, BT)
+        k_c = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
+        v_c = _load_tile(v, rows, H * V, rows < T, offs_v, mask_v)
+        G_c = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
+        G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+        k_to_end = k_c * tl.exp(G_last[None, :] - G_c)
+        S = S * tl.exp(G_last)[:, None] + _dot(tl.trans(k_to_end), v_c, k.dtype.element_ty, PRECISION)
+        c += 1
+    tl.store(states + n_chunks * K * V + state_offs, S, mask=state_mask)
+
+
+@triton.jit
+def _forward_output_kernel(q, k, v, G, states, o, scale, T, T_pad, n_chunks, H,
+                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """``o`` for one chunk and one value block, all of ``K``. Grid ``(V blocks, n_chunks, B·H)``."""
+    vb, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    DTYPE = q.dtype.element_ty
+    offs_k = tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    q, k = q + _head_start(bh, H, T, K), k + _head_start(bh, H, T, K)
+    v, o = v + _head_start(bh, H, T, V), o + _head_start(bh, H, T, V)
+    G = G + _head_start(bh, H, T_pad, K)
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    H_in = tl.load(states + (bh.to(tl.int64) * (n_chunks + 1) + c) * K * V + state_offs,
+                   mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+    for ib in range(BT // BC):
+        i0 = c * BT + ib * BC
+        if i0 < T:
+            rows = i0 + tl.arange(0, BC)
+            q_I = _load_tile(q, rows, H * K, rows < T, offs_k, mask_k)
+            G_I = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
+            out = _dot(q_I * tl.exp(G_I), H_in, DTYPE, PRECISION)
+            # earlier sub-blocks J of the chunk, through the reference row i0
+            G_ref = _load_row(G, i0, H * K, True, offs_k, mask_k)
+            q_ref = q_I * tl.exp(G_I - G_ref[None, :])
+            for jb in range(ib):
+                cols = c * BT + jb * BC + tl.arange(0, BC)
+                k_J = _load_tile(k, cols, H * K, cols < T, offs_k, mask_k)
+                G_J = _load_tile(G, cols, H * K, cols < T_pad, offs_k, mask_k)
+                v_J = _load_tile(v, cols, H * V, cols < T, offs_v, mask_v)
+                scores = _dot(q_ref, tl.trans(k_J * tl.exp(G_ref[None, :] - G_J)), DTYPE, PRECISION)
+                out += _dot(scores, v_J, DTYPE, PRECISION)
+            # the diagonal sub-block, one key at a time
+            for j in range(BC):
+                key = i0 + j
+                k_j = _load_row(k, key, H * K, key < T, offs_k, mask_k)
+                G_j = _load_row(G, key, H * K, True, offs_k, mask_k)
+                v_j = _load_row(v, key, H * V, key < T, offs_v, mask_v)
+                decay = tl.exp(tl.where(rows[:, None] >= key, G_I - G_j[None, :], float("-inf")))
+                scores_j = tl.sum(q_I * decay * k_j[None, :], axis=1)
+                out += scores_j[:, None] * v_j[None, :]
+            out_offs = rows[:, None] * H * V + offs_v[None, :]
+            tl.store(o + out_offs, (scale * out).to(o.dtype.element_ty),
+                     mask=(rows < T)[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _backward_states_kernel(q, do, G, d_final, d_states, scale, T, T_pad, n_chunks, H,
+                            K: tl.constexpr, V: tl.constexpr, HAS_D_FINAL: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """``d_states[bh, c]`` = gradient of the state entering chunk ``c`` (slot 0: the initial
+    state, slot ``n_chunks``: the final state). Grid ``(K blocks, V blocks, B·H)``."""
+    kb, vb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = kb * BK + tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    q, do = q + _head_start(bh, H, T, K), do + _head_start(bh, H, T, V)
+    G = G + _head_start(bh, H, T_pad, K)
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    d_states = d_states + bh.to(tl.int64) * (n_chunks + 1) * K * V
+    if HAS_D_FINAL:
+        dS = tl.load(d_final + bh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0)
+        dS = dS.to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    c = n_chunks - 1
+    while c >= 0:
+        tl.store(d_states + (c + 1) * K * V + state_offs, dS, mask=state_mask)
+        rows = c * BT + tl.arange(0, BT)
+        q_c = _load_tile(q, rows, H * K, rows < T, offs_k, mask_k)
+        do_c = _load_tile(do, rows, H * V, rows < T, offs_v, mask_v)
+        G_c = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
+        G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+        q_from_start = q_c * tl.exp(G_c)
+        dS = dS * tl.exp(G_last)[:, None] + scale * _dot(tl.trans(q_from_start), do_c,
+                                                         q.dtype.element_ty, PRECISION)
+        c -= 1
+    tl.store(d_states + state_offs, dS, mask=state_mask)
+
+
+@triton.jit
+def _backward_dv_kernel(q, k, G, do, d_states, dv, scale, T, T_pad, n_chunks, H,
+                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """``dv`` for one chunk and one value block, all of ``K``. Grid ``(V blocks, n_chunks, B·H)``."""
+    vb, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    DTYPE = q.dtype.element_ty
+    offs_k = tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    q, k = q + _head_start(bh, H, T, K), k + _head_start(bh, H, T, K)
+    do, dv = do + _head_start(bh, H, T, V), dv + _head_start(bh, H, T, V)
+    G = G + _head_start(bh, H, T_pad, K)
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    dH_out = tl.load(d_states + (bh.to(tl.int64) * (n_chunks + 1) + c + 1) * K * V + state_offs,
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+    G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+    for jb in range(BT // BC):
+        j0 = c * BT + jb * BC
+        if j0 < T:
+            keys = j0 + tl.arange(0, BC)
+            k_J = _load_tile(k, keys, H * K, keys < T, offs_k, mask_k)
+            G_J = _load_tile(G, keys, H * K, keys < T_pad, offs_k, mask_k)
+            grad = _dot(k_J * tl.exp(G_last[None, :] - G_J), dH_out, DTYPE, PRECISION)
+            # later sub-blocks I of the chunk, through the reference row j0 + BC - 1
+            G_ref = _load_row(G, j0 + BC - 1, H * K, True, offs_k, mask_k)
+            k_ref = k_J * tl.exp(G_ref[None, :] - G_J)
+            for ib in range(jb + 1, BT // BC):
+                queries = c * BT + ib * BC + tl.arange(0, BC)
+                q_I = _load_tile(q, queries, H * K, queries < T, offs_k, mask_k)
+                G_I = _load_tile(G, queries, H * K, queries < T_pad, offs_k, mask_k)
+                do_I = _load_tile(do, queries, H * V, queries < T, offs_v, mask_v)
+                scores_t = _dot(k_ref, tl.trans(q_I * tl.exp(G_I - G_ref[None, :])), DTYPE, PRECISION)
+                grad += scale * _dot(scores_t, do_I, DTYPE, PRECISION)
+            # the diagonal sub-block, one query at a time
+            for i in range(BC):
+                query = j0 + i
+                q_i = _load_row(q, query, H * K, query < T, offs_k, mask_k)
+                G_i = _load_row(G, query, H * K, True, offs_k, mask_k)
+                do_i = _load_row(do, query, H * V, query < T, offs_v, mask_v)
+                decay = tl.exp(tl.where(keys[:, None] <= query, G_i[None, :] - G_J, float("-inf")))
+                scores_i = tl.sum(k_J * decay * q_i[None, :], axis=1)
+                grad += scale * scores_i[:, None] * do_i[None, :]
+            tl.store(dv + keys[:, None] * H * V + offs_v[None, :], grad.to(dv.dtype.element_ty),
+                     mask=(keys < T)[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _backward_dq_dk_dg_kernel(q, k, v, G, do, states, d_states, dq, dk, dg, scale, T, T_pad, n_chunks, H,
+                              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """``dq``, ``dk`` and ``dg [B, T, H, K]`` (fp32) for one chunk and one key block, all of
+    ``V``. Walks the sub-blocks from last to first to sum ``dg`` backwards. Grid
+    ``(K blocks, n_chunks, B·H)``."""
+    kb, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    DTYPE = q.dtype.element_ty
+    offs_k = kb * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    q, k = q + _head_start(bh, H, T, K), k + _head_start(bh, H, T, K)
+    v, do = v + _head_start(bh, H, T, V), do + _head_start(bh, H, T, V)
+    dq, dk, dg = dq + _head_start(bh, H, T, K), dk + _head_start(bh, H, T, K), dg + _head_start(bh, H, T, K)
+    G = G + _head_start(bh, H, T_pad, K)
+    slot = (bh.to(tl.int64) * (n_chunks + 1) + c) * K * V
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    H_in = tl.load(states + slot + state_offs, mask=state_mask, other=0.0)
+    H_out = tl.load(states + slot + K * V + state_offs, mask=state_mask, other=0.0)
+    dH_out = tl.load(d_states + slot + K * V + state_offs, mask=state_mask, other=0.0)
+    G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+    dg_from_state = tl.sum(dH_out * H_out, axis=1)      # through e^{G_last} in the outgoing state
+    dG_after = tl.zeros([BK], dtype=tl.float32)         # Σ of dG over the later sub-blocks
+    for ib in range(BT // BC - 1, -1, -1):
+        i0 = c * BT + ib * BC
+        if i0 < T:
+            rows = i0 + tl.arange(0, BC)
+            q_I = _load_tile(q, rows, H * K, rows < T, offs_k, mask_k)
+            k_I = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
+            G_I = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
+            v_I = _load_tile(v, rows, H * V, rows < T, offs_v, mask_v)
+            do_I = _load_tile(do, rows, H * V, rows < T, offs_v, mask_v)
+            grad_q = scale * tl.exp(G_I) * _dot(do_I, tl.trans(H_in), DTYPE, PRECISION)
+            grad_k = tl.exp(G_last[None, :] - G_I) * _dot(v_I, tl.trans(dH_out), DTYPE, PRECISION)
+            # dq from earlier sub-blocks J, through the reference row i0
+            G_ref = _load_row(G, i0, H * K, True, offs_k, mask_k)
+            acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for jb in range(ib):
+                cols = c * BT + jb * BC + tl.arange(0, BC)
+                k_J = _load_tile(k, cols, H * K, cols < T, offs_k, mask_k)
+                G_J = _load_tile(G, cols, H * K, cols < T_pad, offs_k, mask_k)
+                v_J = _load_tile(v, cols, H * V, cols < T, offs_v, mask_v)
+                d_scores = _dot(do_I, tl.trans(v_J), DTYPE, PRECISION)
+                acc += _dot(d_scores, k_J * tl.exp(G_ref[None, :] - G_J), DTYPE, PRECISION)
+            grad_q += scale * tl.exp(G_I - G_ref[None, :]) * acc
+            # dk from later sub-blocks J, through the reference row i0 + BC - 1
+            G_ref = _load_row(G, i0 + BC - 1, H * K, True, offs_k, mask_k)
+            acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for jb in range(ib + 1, BT // BC):
+                cols = c * BT + jb * BC + tl.arange(0, BC)
+                q_J = _load_tile(q, cols, H * K, cols < T, offs_k, mask_k)
+                G_J = _load_tile(G, cols, H * K, cols < T_pad, offs_k, mask_k)
+                do_J = _load_tile(do, cols, H * V, cols < T, offs_v, mask_v)
+                d_scores_t = _dot(v_I, tl.trans(do_J), DTYPE, PRECISION)
+                acc += _dot(d_scores_t, q_J * tl.exp(G_J - G_ref[None, :]), DTYPE, PRECISION)
+            grad_k += scale * tl.exp(G_ref[None, :] - G_I) * acc
+            # the diagonal sub-block, one key at a time: column j of dA feeds dq, row j of dk
+            d_scores = _dot(do_I, tl.trans(v_I), DTYPE, PRECISION)
+            sub = tl.arange(0, BC)
+            for j in range(BC):
+                key = i0 + j
+                k_j = _load_row(k, key, H * K, key < T, offs_k, mask_k)
+                G_j = _load_row(G, key, H * K, True, offs_k, mask_k)
+                d_scores_j = tl.sum(tl.where(sub[None, :] == j, d_scores, 0.0), axis=1)
+                weight = d_scores_j[:, None] * tl.exp(tl.where(rows[:, None] >= key, G_I - G_j[None, :],
+                                                               float("-inf")))
+                grad_q += scale * weight * k_j[None, :]
+                grad_k_j = tl.sum(weight * q_I, axis=0)
+                grad_k += scale * tl.where(sub[:, None] == j, grad_k_j[None, :], 0.0)
+            # dg: reverse cumulative sum of q dq - k dk over the chunk
+            dG = q_I * grad_q - k_I * grad_k
+            grad_g = tl.cumsum(dG, axis=0, reverse=True) + (dG_after + dg_from_state)[None, :]
+            dG_after += tl.sum(dG, axis=0)
+            offsets = rows[:, None] * H * K + offs_k[None, :]
+            mask = (rows < T)[:, None] & mask_k[None, :]
+            tl.store(dq + offsets, grad_q.to(dq.dtype.element_ty), mask=mask)
+            tl.store(dk + offsets, grad_k.to(dk.dtype.element_ty), mask=mask)
+            tl.store(dg + offsets, grad_g, mask=mask)
+
+
+# --------------------------------------------------------------------------- host side
+
+def _block(dim: int, cap: int | None = None) -> int:
+    """A power-of-two block of at least 16 covering ``dim`` (at most ``cap``)."""
+    size = max(16, triton.next_power_of_2(dim))
+    return min(size, cap) if cap else size
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 products exactly (no TF32); bf16/fp16 products use the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _GatedLinearAttention(torch.autograd.Function):
+    """Autograd wrapper: ``(q, k, v, g, scale, initial_state) -> (o, final_state)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        n_chunks = triton.cdiv(T, CHUNK)
+        T_pad = n_chunks * CHUNK
+        bh = B * H
+        G = torch.empty(B, T_pad, H, K, device=q.device, dtype=torch.float32)
+        _chunk_cumsum_kernel[(n_chunks, bh)](g, G, T, T_pad, H, K, PER_KEY=g.ndim == 4,
+                                             BT=CHUNK, BK=_block(K))
+        states = torch.empty(bh, n_chunks + 1, K, V, device=q.device, dtype=torch.float32)
+        BK, BV = _block(K, STATE_BLOCK), _block(V, STATE_BLOCK)
+        common = dict(T=T, T_pad=T_pad, n_chunks=n_chunks, H=H, K=K, V=V, BT=CHUNK,
+                      PRECISION=_precision(q.dtype))
+        _forward_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), bh)](
+            k, v, G, initial_state, states, HAS_INITIAL=initial_state is not None, BK=BK, BV=BV, **common)
+        o = torch.empty_like(v, dtype=q.dtype)
+        _forward_output_kernel[(triton.cdiv(V, BV), n_chunks, bh)](
+            q, k, v, G, states, o, scale, BC=SUB, BK=_block(K), BV=BV, **common)
+        ctx.save_for_backward(q, k, v, G, states)
+        ctx.scale, ctx.common = scale, common
+        ctx.g_shape, ctx.g_dtype = g.shape, g.dtype
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return o, states[:, -1].reshape(B, H, K, V).clone()
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        q, k, v, G, states = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        common, n_chunks, bh = ctx.common, ctx.common["n_chunks"], B * H
+        do = torch.zeros_like(v, dtype=q.dtype) if d_out is None else d_out.to(q.dtype).contiguous()
+        d_final = None if d_final is None else d_final.contiguous()
+        d_states = torch.empty_like(states)
+        BK, BV = _block(K, STATE_BLOCK), _block(V, STATE_BLOCK)
+        _backward_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), bh)](
+            q, do, G, d_final, d_states, ctx.scale, HAS_D_FINAL=d_final is not None, BK=BK, BV=BV, **common)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dg = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+        _backward_dq_dk_dg_kernel[(triton.cdiv(K, BK), n_chunks, bh)](
+            q, k, v, G, do, states, d_states, dq, dk, dg, ctx.scale, BC=SUB, BK=BK, BV=_block(V), **common)
+        dv = torch.empty_like(v)
+        _backward_dv_kernel[(triton.cdiv(V, BV), n_chunks, bh)](
+            q, k, G, do, d_states, dv, ctx.scale, BC=SUB, BK=_block(K), BV=BV, **common)
+        dg = dg if len(ctx.g_shape) == 4 else dg.sum(-1)
+        d_initial = None
+        if ctx.initial_dtype is not None:
+            d_initial = d_states[:, 0].reshape(B, H, K, V).to(ctx.initial_dtype)
+        return dq, dk, dv, dg.to(ctx.g_dtype), None, d_initial
+
+
+def _check_inputs(q, k, v, g, initial_state) -> None:
+    """One-line InputError for what these kernels cannot take (shapes are checked by the caller)."""
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InputError(f"backend='triton' got q, k, v of dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected "
+                         "one dtype among float32, bfloat16, float16")
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        raise InputError(f"backend='triton' got K={q.shape[-1]}, V={v.shape[-1]}; expected head dims "
+                         f"of at most {MAX_HEAD_DIM}")
+    if q.shape[1] == 0:
+        raise InputError("backend='triton' got T=0; expected at least one time step")
+    devices = {t.device for t in (q, k, v, g, initial_state) if t is not None}
+    if len(devices) > 1:
+        raise InputError(f"backend='triton' got tensors on several devices {sorted(map(str, devices))}; "
+                         "expected one")
+
+
+def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+               initial_state: torch.Tensor | None = None,
+               output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``g [B, T, H, K]`` or ``[B, T, H]`` (log decay),
+    ``initial_state [B, H, K, V]`` -> ``(o [B, T, H, V], final_state [B, H, K, V] fp32 or None)``.
+    Differentiable in every tensor input."""
+    _check_inputs(q, k, v, g, initial_state)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    o, final_state = _GatedLinearAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                 g.contiguous(), float(scale), initial_state)
+    return o, (final_state if output_final_state else None)
