@@ -33,6 +33,8 @@ be powers of two (masked blocks).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -199,9 +201,11 @@ def _blocks(dk: int, dv: int) -> tuple[int, int, int]:
 
 
 def _chunking(t: int, checkpoint_every: int) -> tuple[int, int]:
-    """``(steps per chunk, number of chunks)``. The chunk length is a compile-time constant;
-    short sequences round it up to a power of two so that few variants get compiled."""
-    chunk = min(checkpoint_every, triton.next_power_of_2(t))
+    """``(steps per chunk, number of chunks)``. The chunk length is a compile-time constant:
+    compiled for a GPU, short sequences round it up to a power of two so that few variants get
+    built; the interpreter compiles nothing and takes it exact (no padded steps to walk)."""
+    span = t if os.environ.get("TRITON_INTERPRET") == "1" else triton.next_power_of_2(t)
+    chunk = min(checkpoint_every, span)
     return chunk, triton.cdiv(t, chunk)
 
 

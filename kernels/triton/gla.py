@@ -51,6 +51,8 @@ accumulate in fp32; everything elementwise is fp32. ``K`` and ``V`` up to 256, a
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -62,6 +64,9 @@ SUB = 16       # BC: rows of an intra-chunk sub-block (the smallest tl.dot size)
 STATE_BLOCK = 64   # key / value block of the sequential state kernels
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Triton 3.6's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits, so under
+# TRITON_INTERPRET=1 the products are taken in fp32 (read when this module is imported).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -89,7 +94,11 @@ def _load_row(ptr, row, row_stride, valid, cols, col_mask):
 @triton.jit
 def _dot(a, b, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``a @ b`` with operands in ``DTYPE`` (the input dtype) and an fp32 result."""
-    return tl.dot(a.to(DTYPE), b.to(DTYPE), input_precision=PRECISION)
+    if _INTERPRETED:
+        # operands rounded to DTYPE, products and sums in fp32: what the tensor cores compute
+        return tl.dot(a.to(DTYPE).to(tl.float32), b.to(DTYPE).to(tl.float32))
+    else:
+        return tl.dot(a.to(DTYPE), b.to(DTYPE), input_precision=PRECISION)
 
 
 # --------------------------------------------------------------------------- kernels

@@ -253,14 +253,15 @@ def _launch_config(u: torch.Tensor, group_size: int, n: int, block_d: int | None
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, Dskip, z, bias, initial_state, delta_softplus,
-                negative_eigenvalues, block_d):
+                negative_eigenvalues, block_d, checkpoint_every):
         batch, t, d = u.shape
         n = A.shape[-1]
         groups = B.shape[2]
         acc = torch.float64 if u.dtype == torch.float64 else torch.float32
         # On a GPU the chunk length is a compile-time constant: a power of two keeps the number of
         # compiled variants small. The interpreter compiles nothing, so it skips the padding steps.
-        chunk = min(MAX_CHECKPOINT_EVERY, triton.next_power_of_2(t) if u.is_cuda else t)
+        chunk = min(checkpoint_every or MAX_CHECKPOINT_EVERY,
+                    triton.next_power_of_2(t) if u.is_cuda else t)
         n_chunks = triton.cdiv(t, chunk)
         config = _launch_config(u, d // groups, n, block_d)
         n_blocks = triton.cdiv(d // groups, config["BLOCK_D"])
@@ -308,17 +309,19 @@ class _SelectiveScan(torch.autograd.Function):
         dD = dD_part.sum(0).to(Dskip.dtype) if Dskip is not None else None
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
         return (du, ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype), dB_part.sum(3).to(B.dtype),
-                dC_part.sum(3).to(C.dtype), dD, dz, dbias, dh0, None, None, None)
+                dC_part.sum(3).to(C.dtype), dD, dz, dbias, dh0, None, None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           negative_eigenvalues=False, initial_state=None, output_final_state=False,
-                          *, block_d: int | None = None):
+                          *, block_d: int | None = None, checkpoint_every: int | None = None):
     """The selective scan through the Triton kernels (shapes checked by the caller):
     ``u, delta, z [B, T, D]``, ``A [D, N]``, ``B, C [B, T, N]`` or ``[B, T, G, N]``,
     ``D, delta_bias [D]``, ``initial_state [B, D, N]``. Returns ``(y [B, T, D], final_state
     [B, D, N] or None)``; the state is kept in the accumulation dtype (fp32, fp64 for fp64),
-    as the recurrent oracle does. ``block_d`` overrides the channels per program (tuning)."""
+    as the recurrent oracle does. ``block_d`` (channels per program) and ``checkpoint_every``
+    (steps between saved states, at most 64 by default) override the launch choices, for tuning
+    and for tests that cross several checkpoints on short sequences."""
     grouped = B.ndim == 4
 
     def by_group(x: torch.Tensor) -> torch.Tensor:
@@ -329,5 +332,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
     y, final = _SelectiveScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(), by_group(B),
                                     by_group(C), maybe(D), maybe(z), maybe(delta_bias),
-                                    maybe(initial_state), delta_softplus, negative_eigenvalues, block_d)
+                                    maybe(initial_state), delta_softplus, negative_eigenvalues, block_d,
+                                    checkpoint_every)
     return y, (final if output_final_state else None)

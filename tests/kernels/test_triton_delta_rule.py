@@ -86,8 +86,8 @@ def test_backward_across_many_checkpoints():
 @pytest.mark.slow
 def test_matches_recurrent_longest_shape():
     """The largest shape the interpreter allows in reasonable time: T = 70 crosses the default
-    checkpoint interval (64), with B·H = 4 and K ≠ V."""
-    inputs = make_inputs(2, 70, 2, 32, 24)
+    checkpoint interval (64), with K ≠ V."""
+    inputs = make_inputs(1, 70, 2, 32, 24)
     assert_matches(delta_rule, inputs, "triton", FP32_TOL)
 
 
@@ -110,7 +110,9 @@ def test_gradients_when_only_one_result_is_used(loss_on):
                               output_final_state=loss_on == "final_state")
         loss = (o * o).sum() if loss_on == "output" else (state * state).sum()
         loss.backward()
-        grads[backend] = {name: x.grad for name, x in leaves.items()}
+        # A leaf that cannot reach the loss (q when only the state is used) may get no
+        # gradient from the oracle and zeros from the kernel.
+        grads[backend] = {name: torch.zeros_like(x) if x.grad is None else x.grad for name, x in leaves.items()}
     for name, ref in grads["recurrent"].items():
         assert rel_rms(grads["triton"][name], ref) <= FP32_TOL, name
 

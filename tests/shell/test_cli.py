@@ -125,7 +125,7 @@ def _snapshot(folder):
     (["data.path={nan_csv}", "data.seq_len=8", "data.pred_len=4"], "missing values"),
     (["data.path={csv}", "data.seq_len=300", "data.pred_len=200"], "longer than the"),
     (["trainer.max_epoch=5"], "unknown config option 'trainer.max_epoch'"),
-    (["trainer.precision=bogus"], "cannot build lightning.Trainer"),
+    (["trainer.accelerator=bogus"], "cannot build lightning.Trainer"),
     (["task=nope"], "nope"),
     (["ckpt_path={run}/checkpoints/last.ckpt", "data.path=does/not/exist.csv"], "no file at"),
 ])
