@@ -11,7 +11,8 @@ Per head, with ``a_t = exp(g_t)`` (``a_t = 1`` without ``g``), the state ``S [K,
 Forward: one program per (batch·head, block of ``BV`` value columns) keeps its ``[K, BV]``
 slice of the state in fp32 registers and walks through time; the columns of ``S`` never mix,
 so value blocks are independent. When gradients are needed it also saves the state at the
-start of every stretch of ``chunk`` steps (the checkpoints, ``[B·H, n_chunks, K, V]`` fp32).
+start of every stretch of ``checkpoint_every`` steps (the checkpoints, ``[B·H, n_chunks, K, V]``
+fp32, as much memory as the chunk states of a chunked kernel).
 
 Backward: the same program layout walks the chunks from last to first. For each chunk it
 replays the forward from the checkpoint, writing the state before every step into a private
@@ -27,8 +28,10 @@ fp32 scratch buffer, then steps backwards through the chunk carrying ``dS = ∂L
 
 and what is left in ``dS`` at ``t = 0`` is the gradient of the initial state. The quantities
 that sum over value columns (dq, dk, dβ, dg) are written per value block and summed after.
-Everything accumulates in fp32 whatever the input dtype. Any ``T``; ``K`` and ``V`` need not
-be powers of two (masked blocks).
+Everything accumulates in fp32 whatever the input dtype. Any ``T`` (steps past the end are
+masked: zero inputs and unit decay leave the state alone); ``K`` and ``V`` need not be powers
+of two (masked blocks). The kernels also run under ``TRITON_INTERPRET=1``, which is how the
+tests check them on a CPU.
 """
 
 from __future__ import annotations

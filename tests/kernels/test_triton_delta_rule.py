@@ -83,6 +83,16 @@ def test_backward_across_many_checkpoints():
     assert_matches(with_checkpoints_every(8), inputs, "triton", FP32_TOL)
 
 
+def test_extreme_gates():
+    """Log decays from -1e-4 to -20 per step (log-uniform): finite, and still the oracle's
+    outputs and gradients."""
+    inputs = make_inputs(1, 24, 2, 8, 8)
+    gen = torch.Generator().manual_seed(1)
+    log_magnitude = torch.empty(1, 24, 2).uniform_(-4 * 2.3026, 2.9957, generator=gen)  # 1e-4 .. 20
+    inputs["g"] = -log_magnitude.exp().to(DEVICE)
+    assert_matches(delta_rule, inputs, "triton", FP32_TOL)  # a NaN fails the comparison too
+
+
 @pytest.mark.slow
 def test_matches_recurrent_longest_shape():
     """The largest shape the interpreter allows in reasonable time: T = 70 crosses the default
