@@ -32,8 +32,10 @@ What is left in ``dh`` at ``t = 0`` is the gradient of the initial state. Sums o
 program, and reduced in PyTorch afterwards, so the result is deterministic (no atomics).
 Accumulation is fp32 whatever the input dtype (fp64 for fp64 inputs). Any ``T``; ``D`` and
 ``N`` need not be powers of two (masked blocks). Only constructs that the Triton interpreter
-runs are used (``while`` loops for runtime trip counts), so the kernels are tested on the CPU
-under ``TRITON_INTERPRET=1``.
+runs are used, so the kernels are tested on the CPU under ``TRITON_INTERPRET=1``: ``while``
+loops where the trip count is known at run time only (the interpreter cannot take a runtime
+bound in ``range``), no ``libdevice``, and few nested ``@triton.jit`` calls in the time loops
+(each costs the interpreter milliseconds).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _load_step(u, delta, B, row, bc_row, offs_d, mask_d, offs_n, mask_n, valid, 
 
 
 @triton.jit
-def _program_block(G, group_size, n_blocks, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _program_block(group_size, n_blocks, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's batch index (int64), group, channel block, channel offsets ``[BD]`` and
     state offsets ``[BN]``, with their masks."""
     b = tl.program_id(0).to(tl.int64)
@@ -101,7 +103,7 @@ def _forward_kernel(u, delta, A, B, C, Dskip, z, bias, h0, y, final, checkpoints
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     """``u, delta, z, y [B, T, D]``; ``B, C [B, T, G, N]``; ``A [D, N]``; ``Dskip, bias [D]``;
     ``h0, final [B, D, N]``; ``checkpoints [B, n_chunks, D, N]`` (state before each chunk)."""
-    b, group, _, offs_d, mask_d, offs_n, mask_n = _program_block(G, group_size, n_blocks, N,
+    b, group, _, offs_d, mask_d, offs_n, mask_n = _program_block(group_size, n_blocks, N,
                                                                  BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
     offs_dn = offs_d[:, None] * N + offs_n[None, :]
@@ -151,7 +153,7 @@ def _backward_kernel(u, delta, A, B, C, Dskip, z, bias, dy, dfinal, checkpoints,
     [B, CHUNK, D, N]``. Writes ``du, ddelta, dz [B, T, D]``, ``dB_part, dC_part [B, T, G,
     n_blocks, N]`` (per channel block), ``dA_part [B, D, N]``, ``dD_part [B, D]`` (per batch)
     and ``dh0 [B, D, N]``."""
-    b, group, block, offs_d, mask_d, offs_n, mask_n = _program_block(G, group_size, n_blocks, N,
+    b, group, block, offs_d, mask_d, offs_n, mask_n = _program_block(group_size, n_blocks, N,
                                                                      BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
     offs_dn = offs_d[:, None] * N + offs_n[None, :]
@@ -291,6 +293,7 @@ class _SelectiveScan(torch.autograd.Function):
         groups = B.shape[2]
         acc = checkpoints.dtype
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
         du = torch.empty_like(u)
         ddelta = torch.empty(u.shape, dtype=acc, device=u.device)
         dz = torch.empty_like(z) if z is not None else None

@@ -79,7 +79,7 @@ FP32_CASES = {
     "skip_without_gate": (dict(b=1, t=11, d=3, n=2, gate=False, bias=False), None, None),
     "gate_without_skip": (dict(b=1, t=11, d=3, n=2, skip=False, softplus=False), None, 5),
     "grouped_bc_odd_group_size": (dict(b=1, t=13, d=6, n=5, groups=2), None, 6),
-    "grouped_bc_several_blocks_per_group": (dict(b=2, t=10, d=12, n=4, groups=2), 2, 3),
+    "grouped_bc_several_blocks_per_group": (dict(b=1, t=10, d=8, n=4, groups=2), 2, 3),
     "several_blocks_shared_bc": (dict(b=1, t=12, d=7, n=3, gate=False), 2, 5),
     "negative_eigenvalues": (dict(b=1, t=17, d=4, n=3, negative_eigenvalues=True), None, 6),
     "negative_eigenvalues_raw_delta": (dict(b=1, t=12, d=3, n=4, negative_eigenvalues=True, softplus=False,
@@ -100,7 +100,7 @@ def test_matches_recurrent_fp32(case):
 @pytest.mark.slow
 def test_matches_recurrent_over_two_default_chunks():
     """T = 70 crosses the default 64-step checkpoint with a ragged last chunk."""
-    inputs = make_inputs(b=2, t=70, d=6, n=5, groups=3)
+    inputs = make_inputs(b=1, t=70, d=6, n=5, groups=2)
     assert_matches(selective_scan, inputs, "triton", FP32_TOL)
 
 
@@ -111,7 +111,8 @@ def test_matches_recurrent_fp64():
 
 
 def test_gradcheck_fp64():
-    """Finite differences, independent of the oracle, on a tiny float64 problem."""
+    """Finite differences, independent of the oracle, on a tiny float64 problem (fast mode:
+    one random direction per input, to keep the interpreter's launches few)."""
     inputs = make_inputs(b=1, t=3, d=2, n=2, dtype=torch.float64)
     names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
     flags = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
@@ -122,12 +123,12 @@ def test_gradcheck_fp64():
         return y, state
 
     leaves = [inputs[k].detach().clone().requires_grad_() for k in names]
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
 def test_matches_recurrent_bf16():
     """bfloat16 inputs, fp32 accumulation inside: within bf16 rounding of the oracle."""
-    inputs = make_inputs(b=2, t=15, d=6, n=4, groups=2, dtype=torch.bfloat16)
+    inputs = make_inputs(b=1, t=15, d=6, n=4, groups=2, dtype=torch.bfloat16)
     assert_matches(with_launch(checkpoint_every=6), inputs, "triton", BF16_TOL)
 
 
@@ -167,13 +168,17 @@ def test_gradients_through_one_result_only(loss_on):
         y, state = selective_scan(**leaves, output_final_state=loss_on == "state", backend=backend)
         if loss_on == "output":
             assert state is None
-            loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+            loss = (y * torch.linspace(-1, 1, y.numel()).to(y).view_as(y)).sum()
         else:
-            loss = (state * torch.linspace(-1, 1, state.numel()).view_as(state)).sum()
+            loss = (state * torch.linspace(-1, 1, state.numel()).to(state).view_as(state)).sum()
         loss.backward()
         grads[backend] = {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor)}
     for name, ref in grads["recurrent"].items():
-        assert rel_rms(grads["triton"][name], ref) < FP32_TOL, name
+        got = grads["triton"][name]
+        if ref is None:  # no path from this input to the loss (z, D with a loss on the state)
+            assert got is None or not got.any(), name
+        else:
+            assert rel_rms(got, ref) < FP32_TOL, name
 
 
 def test_dtypes_and_shapes_of_results():
