@@ -35,7 +35,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         return gla_chunk(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
     from seqapps.kernels.triton.gla import gla_triton
 
-    return gla_triton(q, k, v, g, scale, initial_state, output_final_state)
+    return gla_triton(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
 
 
 def gla_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, g_t: torch.Tensor,

@@ -9,20 +9,21 @@ is broadcast over ``K``):
 summed from the chunk's first step up to and including step ``i`` (``[K]``, one per key
 dimension) and ``H`` the state entering the chunk. Unrolling the recurrence gives
 
-    o_i = scale · [ (q_i ⊙ e^{G_i})ᵀ H  +  Σ_{j ≤ i} A_ij v_j ],   A_ij = Σ_d q_id k_jd e^{G_id − G_jd}
-    H'  = e^{G_last} ⊙ H + Σ_j (k_j ⊙ e^{G_last − G_j}) v_jᵀ          (⊙ scales the rows of H)
+    o_i = scale · [ (q_i ⊙ e^{G_i})ᵀ H + Σ_{j ≤ i} A_ij v_j ],  A_ij = Σ_d q_id k_jd e^{G_id − G_jd}
+    H'  = e^{G_last} ⊙ H + Σ_j (k_j ⊙ e^{G_last − G_j}) v_jᵀ       (⊙ scales the rows of H)
 
 so one sequential pass over chunks computes the states at chunk boundaries, and everything
 else is parallel over chunks and made of matrix products.
 
-**Keeping every exponent ≤ 0.** For decays (``g ≤ 0``) every exponent above is a sum of ``g``
-over a stretch of time, hence ≤ 0, except inside ``A``: writing ``A = (q e^{G})(k e^{-G})ᵀ``
-would overflow ``e^{-G}`` for strong decays. So each chunk is split into sub-blocks of ``BC``
-rows. For a query sub-block ``I`` after a key sub-block ``J``, a reference row ``r`` between
-them splits ``e^{G_i − G_j} = e^{G_i − G_r} · e^{G_r − G_j}`` into two factors ≤ 1 and the
-block of ``A`` is one ``tl.dot``. The diagonal sub-blocks (``i, j`` in the same sub-block) are
-computed elementwise, one key (or query) row at a time, with the exponent masked to ``-inf``
-above the diagonal. Decays of ``-20`` per step underflow to exact zeros instead of ``inf·0``.
+**Keeping every exponent ≤ 0.** For decays (``g ≤ 0``, as log-sigmoid gates give) every
+exponent above is a sum of ``g`` over a stretch of time, hence ≤ 0, except inside ``A``:
+writing ``A = (q e^{G})(k e^{-G})ᵀ`` would overflow ``e^{-G}`` for strong decays. So each
+chunk is split into sub-blocks of ``BC`` rows. For a query sub-block ``I`` after a key
+sub-block ``J``, a reference row ``r`` between them splits ``e^{G_i − G_j}`` into
+``e^{G_i − G_r} · e^{G_r − G_j}``, two factors ≤ 1, and the block of ``A`` is one ``tl.dot``.
+The diagonal sub-blocks (``i, j`` in the same sub-block) are computed elementwise, one key (or
+query) row at a time, with the exponent masked to ``-inf`` above the diagonal. Decays of
+``-20`` per step underflow to exact zeros instead of ``inf·0``.
 
 **Backward.** The gradient of the state entering chunk ``c`` runs backwards:
 
@@ -40,11 +41,12 @@ so the gradient with respect to ``G_i`` is ``q_i ⊙ dq_i − k_i ⊙ dk_i``, pl
 ``Σ_v (dH_{c+1} ⊙ H_{c+1})`` at the chunk's last step. Since ``G`` is a cumulative sum of ``g``
 inside the chunk, ``dg`` is the reverse cumulative sum of that within the chunk.
 
-**Kernels.** ``_chunk_cumsum`` (``G``, fp32, padded to whole chunks by repeating the last
-value), ``_forward_states`` and ``_backward_states`` (the only sequential loops; one program
-per (key block, value block, batch·head); they write all chunk-boundary states to an fp32
-buffer ``[B·H, n_chunks + 1, K, V]`` whose last slot is the final state / its gradient),
-``_forward_output``, ``_backward_dv`` and ``_backward_dq_dk_dg`` (one program per chunk).
+**Kernels** (``*_kernel``). ``_chunk_cumsum`` (``G``, fp32, padded to whole chunks by
+repeating the last value); ``_forward_states`` and ``_backward_states``, the only sequential
+loops, one program per (key block, value block, batch·head), writing every chunk-boundary
+state (or its gradient) to an fp32 buffer ``[B·H, n_chunks + 1, K, V]`` whose last slot is the
+final state; ``_forward_output``, ``_backward_dv`` and ``_backward_dq_dk_dg``, one program per
+chunk (and value or key block), walking its sub-blocks.
 Matrix products take the input dtype (bf16/fp16 as on tensor cores, fp32 exactly) and
 accumulate in fp32; everything elementwise is fp32. ``K`` and ``V`` up to 256, any ``T``.
 """
@@ -59,9 +61,10 @@ import triton.language as tl
 
 from seqapps.errors import InputError
 
-CHUNK = 64     # BT: steps between stored states
-SUB = 16       # BC: rows of an intra-chunk sub-block (the smallest tl.dot size)
-STATE_BLOCK = 64   # key / value block of the sequential state kernels
+DEFAULT_CHUNK = 64   # BT: steps between stored states (16, 32, 64 or 128)
+SUB = 16             # BC: rows of an intra-chunk sub-block (the smallest tl.dot size)
+STATE_BLOCK = 64     # key / value block of the sequential state kernels
+NUM_WARPS = 8        # compiled for sm_90 at K = V = 128, 4 warps spill registers in most kernels
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits, so under
@@ -86,9 +89,9 @@ def _load_tile(ptr, rows, row_stride, row_mask, cols, col_mask):
 
 
 @triton.jit
-def _load_row(ptr, row, row_stride, valid, cols, col_mask):
-    """Row ``ptr[row, cols]`` as fp32, zeros where masked or when ``valid`` is false."""
-    return tl.load(ptr + row * row_stride + cols, mask=col_mask & valid, other=0.0).to(tl.float32)
+def _load_row(ptr, row, row_stride, cols, col_mask):
+    """Row ``ptr[row, cols]`` as fp32, zeros outside the mask."""
+    return tl.load(ptr + row * row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -150,7 +153,7 @@ def _forward_states_kernel(k, v, G, initial_state, states, T, T_pad, n_chunks, H
         k_c = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
         v_c = _load_tile(v, rows, H * V, rows < T, offs_v, mask_v)
         G_c = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
-        G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+        G_last = _load_row(G, c * BT + BT - 1, H * K, offs_k, mask_k)
         k_to_end = k_c * tl.exp(G_last[None, :] - G_c)
         S = S * tl.exp(G_last)[:, None] + _dot(tl.trans(k_to_end), v_c, k.dtype.element_ty, PRECISION)
         c += 1
@@ -171,8 +174,9 @@ def _forward_output_kernel(q, k, v, G, states, o, scale, T, T_pad, n_chunks, H,
     v, o = v + _head_start(bh, H, T, V), o + _head_start(bh, H, T, V)
     G = G + _head_start(bh, H, T_pad, K)
     state_offs = offs_k[:, None] * V + offs_v[None, :]
+    # only ever a tl.dot operand: kept in the operand dtype (half the registers for bf16)
     H_in = tl.load(states + (bh.to(tl.int64) * (n_chunks + 1) + c) * K * V + state_offs,
-                   mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+                   mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(DTYPE)
     for ib in range(BT // BC):
         i0 = c * BT + ib * BC
         if i0 < T:
@@ -181,7 +185,7 @@ def _forward_output_kernel(q, k, v, G, states, o, scale, T, T_pad, n_chunks, H,
             G_I = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
             out = _dot(q_I * tl.exp(G_I), H_in, DTYPE, PRECISION)
             # earlier sub-blocks J of the chunk, through the reference row i0
-            G_ref = _load_row(G, i0, H * K, True, offs_k, mask_k)
+            G_ref = _load_row(G, i0, H * K, offs_k, mask_k)
             q_ref = q_I * tl.exp(G_I - G_ref[None, :])
             for jb in range(ib):
                 cols = c * BT + jb * BC + tl.arange(0, BC)
@@ -193,9 +197,10 @@ def _forward_output_kernel(q, k, v, G, states, o, scale, T, T_pad, n_chunks, H,
             # the diagonal sub-block, one key at a time
             for j in range(BC):
                 key = i0 + j
-                k_j = _load_row(k, key, H * K, key < T, offs_k, mask_k)
-                G_j = _load_row(G, key, H * K, True, offs_k, mask_k)
-                v_j = _load_row(v, key, H * V, key < T, offs_v, mask_v)
+                # plain loads: a nested jit call costs the interpreter more than the load
+                k_j = tl.load(k + key * H * K + offs_k, mask=mask_k & (key < T), other=0.0).to(tl.float32)
+                G_j = tl.load(G + key * H * K + offs_k, mask=mask_k, other=0.0)
+                v_j = tl.load(v + key * H * V + offs_v, mask=mask_v & (key < T), other=0.0).to(tl.float32)
                 decay = tl.exp(tl.where(rows[:, None] >= key, G_I - G_j[None, :], float("-inf")))
                 scores_j = tl.sum(q_I * decay * k_j[None, :], axis=1)
                 out += scores_j[:, None] * v_j[None, :]
@@ -232,7 +237,7 @@ def _backward_states_kernel(q, do, G, d_final, d_states, scale, T, T_pad, n_chun
         q_c = _load_tile(q, rows, H * K, rows < T, offs_k, mask_k)
         do_c = _load_tile(do, rows, H * V, rows < T, offs_v, mask_v)
         G_c = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
-        G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+        G_last = _load_row(G, c * BT + BT - 1, H * K, offs_k, mask_k)
         q_from_start = q_c * tl.exp(G_c)
         dS = dS * tl.exp(G_last)[:, None] + scale * _dot(tl.trans(q_from_start), do_c,
                                                          q.dtype.element_ty, PRECISION)
@@ -255,17 +260,18 @@ def _backward_dv_kernel(q, k, G, do, d_states, dv, scale, T, T_pad, n_chunks, H,
     G = G + _head_start(bh, H, T_pad, K)
     state_offs = offs_k[:, None] * V + offs_v[None, :]
     dH_out = tl.load(d_states + (bh.to(tl.int64) * (n_chunks + 1) + c + 1) * K * V + state_offs,
-                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-    G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(DTYPE)   # a tl.dot operand
+    G_last = _load_row(G, c * BT + BT - 1, H * K, offs_k, mask_k)
     for jb in range(BT // BC):
         j0 = c * BT + jb * BC
         if j0 < T:
             keys = j0 + tl.arange(0, BC)
             k_J = _load_tile(k, keys, H * K, keys < T, offs_k, mask_k)
             G_J = _load_tile(G, keys, H * K, keys < T_pad, offs_k, mask_k)
-            grad = _dot(k_J * tl.exp(G_last[None, :] - G_J), dH_out, DTYPE, PRECISION)
-            # later sub-blocks I of the chunk, through the reference row j0 + BC - 1
-            G_ref = _load_row(G, j0 + BC - 1, H * K, True, offs_k, mask_k)
+            intra = tl.zeros([BC, BV], dtype=tl.float32)
+            # the intra-chunk part first (times scale at the end): later sub-blocks I of the
+            # chunk, through the reference row j0 + BC - 1
+            G_ref = _load_row(G, j0 + BC - 1, H * K, offs_k, mask_k)
             k_ref = k_J * tl.exp(G_ref[None, :] - G_J)
             for ib in range(jb + 1, BT // BC):
                 queries = c * BT + ib * BC + tl.arange(0, BC)
@@ -273,16 +279,18 @@ def _backward_dv_kernel(q, k, G, do, d_states, dv, scale, T, T_pad, n_chunks, H,
                 G_I = _load_tile(G, queries, H * K, queries < T_pad, offs_k, mask_k)
                 do_I = _load_tile(do, queries, H * V, queries < T, offs_v, mask_v)
                 scores_t = _dot(k_ref, tl.trans(q_I * tl.exp(G_I - G_ref[None, :])), DTYPE, PRECISION)
-                grad += scale * _dot(scores_t, do_I, DTYPE, PRECISION)
+                intra += _dot(scores_t, do_I, DTYPE, PRECISION)
             # the diagonal sub-block, one query at a time
             for i in range(BC):
                 query = j0 + i
-                q_i = _load_row(q, query, H * K, query < T, offs_k, mask_k)
-                G_i = _load_row(G, query, H * K, True, offs_k, mask_k)
-                do_i = _load_row(do, query, H * V, query < T, offs_v, mask_v)
+                q_i = tl.load(q + query * H * K + offs_k, mask=mask_k & (query < T), other=0.0).to(tl.float32)
+                G_i = tl.load(G + query * H * K + offs_k, mask=mask_k, other=0.0)
+                do_i = tl.load(do + query * H * V + offs_v, mask=mask_v & (query < T), other=0.0).to(tl.float32)
                 decay = tl.exp(tl.where(keys[:, None] <= query, G_i[None, :] - G_J, float("-inf")))
                 scores_i = tl.sum(k_J * decay * q_i[None, :], axis=1)
-                grad += scale * scores_i[:, None] * do_i[None, :]
+                intra += scores_i[:, None] * do_i[None, :]
+            # then the part through the state leaving the chunk
+            grad = _dot(k_J * tl.exp(G_last[None, :] - G_J), dH_out, DTYPE, PRECISION) + scale * intra
             tl.store(dv + keys[:, None] * H * V + offs_v[None, :], grad.to(dv.dtype.element_ty),
                      mask=(keys < T)[:, None] & mask_v[None, :])
 
@@ -306,25 +314,25 @@ def _backward_dq_dk_dg_kernel(q, k, v, G, do, states, d_states, dq, dk, dg, scal
     slot = (bh.to(tl.int64) * (n_chunks + 1) + c) * K * V
     state_offs = offs_k[:, None] * V + offs_v[None, :]
     state_mask = mask_k[:, None] & mask_v[None, :]
-    H_in = tl.load(states + slot + state_offs, mask=state_mask, other=0.0)
     H_out = tl.load(states + slot + K * V + state_offs, mask=state_mask, other=0.0)
     dH_out = tl.load(d_states + slot + K * V + state_offs, mask=state_mask, other=0.0)
-    G_last = _load_row(G, c * BT + BT - 1, H * K, True, offs_k, mask_k)
     dg_from_state = tl.sum(dH_out * H_out, axis=1)      # through e^{G_last} in the outgoing state
+    # from here on the states are only tl.dot operands: kept in the operand dtype
+    dH_out = dH_out.to(DTYPE)
+    H_in = tl.load(states + slot + state_offs, mask=state_mask, other=0.0).to(DTYPE)
+    G_last = _load_row(G, c * BT + BT - 1, H * K, offs_k, mask_k)
     dG_after = tl.zeros([BK], dtype=tl.float32)         # Σ of dG over the later sub-blocks
     for ib in range(BT // BC - 1, -1, -1):
         i0 = c * BT + ib * BC
         if i0 < T:
             rows = i0 + tl.arange(0, BC)
             q_I = _load_tile(q, rows, H * K, rows < T, offs_k, mask_k)
-            k_I = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
             G_I = _load_tile(G, rows, H * K, rows < T_pad, offs_k, mask_k)
             v_I = _load_tile(v, rows, H * V, rows < T, offs_v, mask_v)
             do_I = _load_tile(do, rows, H * V, rows < T, offs_v, mask_v)
-            grad_q = scale * tl.exp(G_I) * _dot(do_I, tl.trans(H_in), DTYPE, PRECISION)
-            grad_k = tl.exp(G_last[None, :] - G_I) * _dot(v_I, tl.trans(dH_out), DTYPE, PRECISION)
-            # dq from earlier sub-blocks J, through the reference row i0
-            G_ref = _load_row(G, i0, H * K, True, offs_k, mask_k)
+            # the intra-chunk parts first (times scale at the end); dq from earlier sub-blocks J,
+            # through the reference row i0
+            G_ref = _load_row(G, i0, H * K, offs_k, mask_k)
             acc = tl.zeros([BC, BK], dtype=tl.float32)
             for jb in range(ib):
                 cols = c * BT + jb * BC + tl.arange(0, BC)
@@ -333,9 +341,9 @@ def _backward_dq_dk_dg_kernel(q, k, v, G, do, states, d_states, dq, dk, dg, scal
                 v_J = _load_tile(v, cols, H * V, cols < T, offs_v, mask_v)
                 d_scores = _dot(do_I, tl.trans(v_J), DTYPE, PRECISION)
                 acc += _dot(d_scores, k_J * tl.exp(G_ref[None, :] - G_J), DTYPE, PRECISION)
-            grad_q += scale * tl.exp(G_I - G_ref[None, :]) * acc
+            intra_q = tl.exp(G_I - G_ref[None, :]) * acc
             # dk from later sub-blocks J, through the reference row i0 + BC - 1
-            G_ref = _load_row(G, i0 + BC - 1, H * K, True, offs_k, mask_k)
+            G_ref = _load_row(G, i0 + BC - 1, H * K, offs_k, mask_k)
             acc = tl.zeros([BC, BK], dtype=tl.float32)
             for jb in range(ib + 1, BT // BC):
                 cols = c * BT + jb * BC + tl.arange(0, BC)
@@ -344,21 +352,26 @@ def _backward_dq_dk_dg_kernel(q, k, v, G, do, states, d_states, dq, dk, dg, scal
                 do_J = _load_tile(do, cols, H * V, cols < T, offs_v, mask_v)
                 d_scores_t = _dot(v_I, tl.trans(do_J), DTYPE, PRECISION)
                 acc += _dot(d_scores_t, q_J * tl.exp(G_J - G_ref[None, :]), DTYPE, PRECISION)
-            grad_k += scale * tl.exp(G_ref[None, :] - G_I) * acc
+            intra_k = tl.exp(G_ref[None, :] - G_I) * acc
             # the diagonal sub-block, one key at a time: column j of dA feeds dq, row j of dk
             d_scores = _dot(do_I, tl.trans(v_I), DTYPE, PRECISION)
             sub = tl.arange(0, BC)
             for j in range(BC):
                 key = i0 + j
-                k_j = _load_row(k, key, H * K, key < T, offs_k, mask_k)
-                G_j = _load_row(G, key, H * K, True, offs_k, mask_k)
+                k_j = tl.load(k + key * H * K + offs_k, mask=mask_k & (key < T), other=0.0).to(tl.float32)
+                G_j = tl.load(G + key * H * K + offs_k, mask=mask_k, other=0.0)
                 d_scores_j = tl.sum(tl.where(sub[None, :] == j, d_scores, 0.0), axis=1)
                 weight = d_scores_j[:, None] * tl.exp(tl.where(rows[:, None] >= key, G_I - G_j[None, :],
                                                                float("-inf")))
-                grad_q += scale * weight * k_j[None, :]
-                grad_k_j = tl.sum(weight * q_I, axis=0)
-                grad_k += scale * tl.where(sub[:, None] == j, grad_k_j[None, :], 0.0)
+                intra_q += weight * k_j[None, :]
+                intra_k_j = tl.sum(weight * q_I, axis=0)
+                intra_k += tl.where(sub[:, None] == j, intra_k_j[None, :], 0.0)
+            # then the parts through the states entering and leaving the chunk
+            grad_q = scale * (tl.exp(G_I) * _dot(do_I, tl.trans(H_in), DTYPE, PRECISION) + intra_q)
+            grad_k = (tl.exp(G_last[None, :] - G_I) * _dot(v_I, tl.trans(dH_out), DTYPE, PRECISION)
+                      + scale * intra_k)
             # dg: reverse cumulative sum of q dq - k dk over the chunk
+            k_I = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
             dG = q_I * grad_q - k_I * grad_k
             grad_g = tl.cumsum(dG, axis=0, reverse=True) + (dG_after + dg_from_state)[None, :]
             dG_after += tl.sum(dG, axis=0)
@@ -386,24 +399,25 @@ class _GatedLinearAttention(torch.autograd.Function):
     """Autograd wrapper: ``(q, k, v, g, scale, initial_state) -> (o, final_state)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state):
+    def forward(ctx, q, k, v, g, scale, initial_state, chunk_size):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        n_chunks = triton.cdiv(T, CHUNK)
-        T_pad = n_chunks * CHUNK
+        n_chunks = triton.cdiv(T, chunk_size)
+        T_pad = n_chunks * chunk_size
         bh = B * H
         G = torch.empty(B, T_pad, H, K, device=q.device, dtype=torch.float32)
         _chunk_cumsum_kernel[(n_chunks, bh)](g, G, T, T_pad, H, K, PER_KEY=g.ndim == 4,
-                                             BT=CHUNK, BK=_block(K))
+                                             BT=chunk_size, BK=_block(K))
         states = torch.empty(bh, n_chunks + 1, K, V, device=q.device, dtype=torch.float32)
         BK, BV = _block(K, STATE_BLOCK), _block(V, STATE_BLOCK)
-        common = dict(T=T, T_pad=T_pad, n_chunks=n_chunks, H=H, K=K, V=V, BT=CHUNK,
+        common = dict(T=T, T_pad=T_pad, n_chunks=n_chunks, H=H, K=K, V=V, BT=chunk_size,
                       PRECISION=_precision(q.dtype))
         _forward_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), bh)](
-            k, v, G, initial_state, states, HAS_INITIAL=initial_state is not None, BK=BK, BV=BV, **common)
+            k, v, G, initial_state, states, HAS_INITIAL=initial_state is not None, BK=BK, BV=BV,
+            num_warps=NUM_WARPS, **common)
         o = torch.empty_like(v, dtype=q.dtype)
         _forward_output_kernel[(triton.cdiv(V, BV), n_chunks, bh)](
-            q, k, v, G, states, o, scale, BC=SUB, BK=_block(K), BV=BV, **common)
+            q, k, v, G, states, o, scale, BC=SUB, BK=_block(K), BV=BV, num_warps=NUM_WARPS, **common)
         ctx.save_for_backward(q, k, v, G, states)
         ctx.scale, ctx.common = scale, common
         ctx.g_shape, ctx.g_dtype = g.shape, g.dtype
@@ -422,22 +436,24 @@ class _GatedLinearAttention(torch.autograd.Function):
         d_states = torch.empty_like(states)
         BK, BV = _block(K, STATE_BLOCK), _block(V, STATE_BLOCK)
         _backward_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), bh)](
-            q, do, G, d_final, d_states, ctx.scale, HAS_D_FINAL=d_final is not None, BK=BK, BV=BV, **common)
+            q, do, G, d_final, d_states, ctx.scale, HAS_D_FINAL=d_final is not None, BK=BK, BV=BV,
+            num_warps=NUM_WARPS, **common)
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dg = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
         _backward_dq_dk_dg_kernel[(triton.cdiv(K, BK), n_chunks, bh)](
-            q, k, v, G, do, states, d_states, dq, dk, dg, ctx.scale, BC=SUB, BK=BK, BV=_block(V), **common)
+            q, k, v, G, do, states, d_states, dq, dk, dg, ctx.scale, BC=SUB, BK=BK, BV=_block(V),
+            num_warps=NUM_WARPS, **common)
         dv = torch.empty_like(v)
         _backward_dv_kernel[(triton.cdiv(V, BV), n_chunks, bh)](
-            q, k, G, do, d_states, dv, ctx.scale, BC=SUB, BK=_block(K), BV=BV, **common)
+            q, k, G, do, d_states, dv, ctx.scale, BC=SUB, BK=_block(K), BV=BV, num_warps=NUM_WARPS, **common)
         dg = dg if len(ctx.g_shape) == 4 else dg.sum(-1)
         d_initial = None
         if ctx.initial_dtype is not None:
             d_initial = d_states[:, 0].reshape(B, H, K, V).to(ctx.initial_dtype)
-        return dq, dk, dv, dg.to(ctx.g_dtype), None, d_initial
+        return dq, dk, dv, dg.to(ctx.g_dtype), None, d_initial, None
 
 
-def _check_inputs(q, k, v, g, initial_state) -> None:
+def _check_inputs(q, k, v, g, initial_state, chunk_size) -> None:
     """One-line InputError for what these kernels cannot take (shapes are checked by the caller)."""
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InputError(f"backend='triton' got q, k, v of dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected "
@@ -447,6 +463,8 @@ def _check_inputs(q, k, v, g, initial_state) -> None:
                          f"of at most {MAX_HEAD_DIM}")
     if q.shape[1] == 0:
         raise InputError("backend='triton' got T=0; expected at least one time step")
+    if chunk_size not in (16, 32, 64, 128):
+        raise InputError(f"backend='triton' got chunk_size={chunk_size}; expected 16, 32, 64 or 128")
     devices = {t.device for t in (q, k, v, g, initial_state) if t is not None}
     if len(devices) > 1:
         raise InputError(f"backend='triton' got tensors on several devices {sorted(map(str, devices))}; "
@@ -455,13 +473,14 @@ def _check_inputs(q, k, v, g, initial_state) -> None:
 
 def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                initial_state: torch.Tensor | None = None,
-               output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               output_final_state: bool = False,
+               chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``g [B, T, H, K]`` or ``[B, T, H]`` (log decay),
     ``initial_state [B, H, K, V]`` -> ``(o [B, T, H, V], final_state [B, H, K, V] fp32 or None)``.
-    Differentiable in every tensor input."""
-    _check_inputs(q, k, v, g, initial_state)
+    Differentiable in every tensor input. ``chunk_size``: steps between stored states."""
+    _check_inputs(q, k, v, g, initial_state, chunk_size)
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     o, final_state = _GatedLinearAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                                 g.contiguous(), float(scale), initial_state)
+                                                 g.contiguous(), float(scale), initial_state, chunk_size)
     return o, (final_state if output_final_state else None)
