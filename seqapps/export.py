@@ -81,9 +81,10 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: 
     check = tuple(torch.cat([t, t[:1] * 0.5]) for t in inputs)  # batch size + 1
     with torch.no_grad():
         expected = model(*check)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: t.numpy() for n, t in zip(input_names, check)})[0]
-    return float(np.max(np.abs(got - expected.numpy())))
+    got = session.run(None, {n: t.numpy() for n, t in zip(input_names, check)})
+    return max(float(np.max(np.abs(g - e.numpy()))) for g, e in zip(got, expected))
 
 
 def replace_folder(new: Path, out: Path) -> None:

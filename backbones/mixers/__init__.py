@@ -1,0 +1,1 @@
+"""Token mixers, one per file; each registers itself with ``@register_mixer``."""
