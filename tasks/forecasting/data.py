@@ -22,16 +22,17 @@ Bundled series (``data.dataset=...``, used when ``data.path`` is not given), no 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from seqapps.errors import InputError
+from seqapps.tasks.sampling import EpochSeededSampler
 
 FEATURE_MODES = ("M", "S", "MS")
 BUILTIN_DATASETS = ("weather", "weather_ak", "ar")
@@ -181,24 +182,6 @@ class WindowDataset(Dataset):
         x = self.data[i:i + self.seq_len]
         y = self.data[i + self.seq_len:i + self.seq_len + self.pred_len, self.target_channels]
         return x, y
-
-
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation per epoch from ``seed + epoch``, so a run resumed from a checkpoint
-    sees the same batches as one that never stopped (Lightning calls ``set_epoch``)."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 # --------------------------------------------------------------------------- datamodule

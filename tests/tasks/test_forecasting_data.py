@@ -9,8 +9,8 @@ import torch
 from conftest import write_tslib_csv
 
 from seqapps.errors import InputError
+from seqapps.tasks.sampling import EpochSeededSampler
 from seqapps.tasks.forecasting.data import (
-    EpochSeededSampler,
     ForecastDataModule,
     generate_ar,
     split_borders,

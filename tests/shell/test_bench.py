@@ -1,0 +1,39 @@
+"""`seqapps bench` runs every op and anchor and reports a table and JSON (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+from seqapps.bench import markdown, run_bench
+
+
+def test_run_bench_measures_each_case_and_tabulates():
+    result = run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block"),
+                       backends=("recurrent", "chunk"), lengths=(16, 32), repeats=1, recurrent_max_len=16,
+                       batch=1, heads=2, dim=8, mamba_d_model=16, log=lambda _: None)
+    cases = {(c["op"], c["backend"], c["T"], c["mode"]): c for c in result["cases"]}
+    assert ("gla", "recurrent", 32, "fwd") not in cases  # past recurrent_max_len
+    for op in ("gla", "gla_scalar", "delta_rule", "selective_scan"):
+        for mode in ("fwd", "fwd_bwd"):
+            assert cases[(op, "chunk", 32, mode)]["ms"] > 0
+            assert cases[(op, "recurrent", 16, mode)]["ms"] > 0
+    assert cases[("gla_scalar", "chunk", 32, "fwd_bwd")]["gflops"] > 0
+    assert cases[("mamba_block", "mambapy", 16, "fwd_bwd")]["ms"] > 0
+    assert cases[("mamba_block", "seqapps_chunk", 16, "fwd_bwd")]["ms"] > 0
+    assert result["machine"]["matmul_gflops"] > 0
+    table = markdown(result)
+    assert "| gla | chunk |" in table and "faster than recurrent" in table and "Mamba block" in table
+
+
+def test_bench_cli_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "ops=[gla,sdpa]", "backends=[chunk]", "lengths=[32]", "repeats=1", "batch=1",
+                   "heads=2", "dim=8", f"out={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {c["op"] for c in data["cases"]} == {"gla", "sdpa"}
+    assert "| sdpa | sdpa |" in out.with_suffix(".md").read_text()
+    proc = run_cli("bench", "ops=[nope]", f"out={out}", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown op 'nope'" in proc.stderr
