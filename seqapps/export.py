@@ -6,6 +6,7 @@ failed export (an ONNX graph that disagrees with PyTorch, say) leaves nothing ha
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import tempfile
@@ -71,8 +72,7 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: 
     inputs of another batch size than the traced one."""
     import onnxruntime as ort
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = tuple({0: batch} for _ in inputs)
+    dynamic = batch_dynamic_shapes(model, len(inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, str(path), input_names=input_names,
@@ -85,6 +85,20 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {n: t.numpy() for n, t in zip(input_names, check)})
     return max(float(np.max(np.abs(g - e.numpy()))) for g, e in zip(got, expected))
+
+
+def batch_dynamic_shapes(model: torch.nn.Module, n_inputs: int) -> tuple:
+    """``dynamic_shapes`` marking dim 0 of every input as the batch, laid out as ``forward``'s
+    signature (a ``*state`` parameter takes a nested tuple, as ``torch.export`` wants)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    specs: list = []
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind is param.VAR_POSITIONAL:
+            specs.append(tuple({0: batch} for _ in range(n_inputs - len(specs))))
+            break
+        if len(specs) < n_inputs:
+            specs.append({0: batch})
+    return tuple(specs)
 
 
 def replace_folder(new: Path, out: Path) -> None:
