@@ -8,9 +8,10 @@ without gate) and ``o_t = scale · S_tᵀ q_t``.
 the transitions ``P_t = M_t ⋯ M_1``, ``M_i = I - β_i k_i k_iᵀ``, stays a rank-``t`` correction of
 the identity, ``P_t = I - Σ_{i≤t} k_i w_iᵀ``: multiplying ``P_{t-1}`` by ``M_t`` adds the term
 ``k_t w_tᵀ`` with ``w_t = β_t (k_t - Σ_{i<t} (k_iᵀ k_t) w_i)`` (the WY representation of a product
-of Householder-like matrices). The inputs sum in the same way, ``Σ_i (P_t/P_i) β_i k_i v_iᵀ =
-Σ_{i≤t} k_i u_iᵀ`` with ``u_t = β_t (v_t - Σ_{i<t} (k_iᵀ k_t) u_i)``. Both are one unit
-lower-triangular system (the UT transform):
+of Householder-like matrices). The writes, each carried forward by the later transitions,
+sum in the same way: ``Σ_{i≤t} M_t ⋯ M_{i+1} β_i k_i v_iᵀ = Σ_{i≤t} k_i u_iᵀ`` with
+``u_t = β_t (v_t - Σ_{i<t} (k_iᵀ k_t) u_i)``. Both are one unit lower-triangular system (the UT
+transform):
 
     (I + tril(diag(β) K Kᵀ, -1)) [W U] = diag(β) [K V],   i.e. [W U] = T [K V],
     T = (I + tril(diag(β) K Kᵀ, -1))⁻¹ diag(β).
@@ -32,10 +33,11 @@ Dividing the state by ``exp(G_t)`` gives an ungated delta rule on the values
     O = scale · ((exp(G) ⊙ Q) S_0 + (Q Kᵀ ⊙ Γ) Δ),
     S_C = exp(G_C) S_0 + (exp(G_C - G) ⊙ K)ᵀ Δ.
 
-Everything but ``Δ``, ``O`` and the carried state is computed for all chunks at once (the
-triangular solve is batched ``torch.linalg.solve_triangular``, exact and backward stable, which
-autograd differentiates); the loop over chunks only does ``Δ = U - W S`` and the state update;
-the outputs then come from one batched product with the stacked per-chunk start states. The
+Everything but ``Δ``, the outputs and the carried state is computed for all chunks at once:
+the Gram matrices, the decay ratios, and ``T`` by one batched unit-triangular solve against the
+identity (``torch.linalg.solve_triangular``: exact, backward stable, differentiated by autograd;
+on the CPU faster than solving for the ``C × (K + V)`` right-hand sides). The loop over chunks
+only does three small matmuls per chunk (``Δ``, the chunk's outputs, the state update). The
 sequence is padded to a multiple of the chunk with ``k = v = β = g = 0`` tokens, whose
 transition is the identity, so the final state is unaffected. Work is done in float32 for
 half-precision inputs (float64 for float64): the output comes back in the input dtype, the
@@ -64,59 +66,56 @@ def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     n_chunks = -(-t // chunk)
 
     def chunked(x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H, *D]`` -> ``[B, H, N, C, *D]`` in the accumulation dtype, zero-padded."""
+        """``[B, T, H, D]`` -> ``[N, B·H, C, D]`` in the accumulation dtype, contiguous, zero-padded
+        to ``N·C`` tokens (chunks lead, so that the loop reads contiguous slices)."""
         x = x.to(acc)
-        extra = x.ndim - 3
-        x = F.pad(x, (0, 0) * extra + (0, 0, 0, n_chunks * chunk - t))
-        x = x.reshape(b, n_chunks, chunk, h, *x.shape[3:])
-        return x.permute(0, 3, 1, 2, *range(4, x.ndim))
+        if n_chunks * chunk > t:
+            x = F.pad(x, (0, 0, 0, 0, 0, n_chunks * chunk - t))
+        return x.reshape(b, n_chunks, chunk, h, -1).permute(1, 0, 3, 2, 4).reshape(n_chunks, b * h, chunk, -1)
 
-    q_c, k_c, v_c, beta_c = chunked(q * scale), chunked(k), chunked(v), chunked(beta)
-    if initial_state is None:
-        state = q_c.new_zeros(b, h, dk, dv)
-    else:
-        state = initial_state.to(acc)
+    q_c, k_c, v_c = chunked(q * scale), chunked(k), chunked(v)
+    beta_c = chunked(beta[..., None])  # [N, B·H, C, 1]
+    state = (q_c.new_zeros(b * h, dk, dv) if initial_state is None
+             else initial_state.to(acc).reshape(b * h, dk, dv))
 
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    key_gram = k_c @ k_c.transpose(-1, -2)  # [B, H, N, C, C]
-    query_key = q_c @ k_c.transpose(-1, -2)  # [B, H, N, C, C]
+    beta_k = beta_c * k_c
+    gram = beta_k @ k_c.transpose(-1, -2)  # diag(β) K Kᵀ [N, B·H, C, C]
+    query_key = q_c @ k_c.transpose(-1, -2)
     if g is None:
-        keys_in = k_c  # W's right-hand side
-        queries_from_state = q_c  # what reads S_0
-        keys_to_end = k_c  # what writes the chunk's end state
-        chunk_decay = None
-        attention = query_key.masked_fill(~causal, 0.0)
+        keys_in, queries_from_state, keys_to_end = beta_k, q_c, k_c
+        chunk_decays = [None] * n_chunks
+        attention = query_key.tril()
     else:
-        log_decay = chunked(g).cumsum(-1)  # G [B, H, N, C], ≤ 0
-        decay_from_start = log_decay.exp()[..., None]  # exp(G_t)
-        keys_in = k_c * decay_from_start
+        log_decay = chunked(g[..., None]).cumsum(-2)  # G [N, B·H, C, 1], ≤ 0
+        decay_from_start = log_decay.exp()  # exp(G_t)
+        keys_in = beta_k * decay_from_start
         queries_from_state = q_c * decay_from_start
-        keys_to_end = k_c * (log_decay[..., -1:] - log_decay).exp()[..., None]  # exp(G_C - G_t)
-        chunk_decay = log_decay[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
-        relative = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf"))
-        ratios = relative.exp()  # Γ [B, H, N, C, C], lower triangle incl. diagonal
-        key_gram = key_gram * ratios
+        keys_to_end = k_c * (log_decay[:, :, -1:] - log_decay).exp()  # exp(G_C - G_t)
+        chunk_decays = log_decay[:, :, -1:].exp().unbind(0)  # exp(G_C), N × [B·H, 1, 1]
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        relative = (log_decay - log_decay.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+        ratios = relative.exp()  # Γ, zero above the diagonal
+        gram = gram * ratios
         attention = query_key * ratios
 
-    # UT transform: one unit lower-triangular solve per chunk gives W and U together.
-    beta_col = beta_c[..., None]
-    strictly_causal = causal.tril(-1)
-    strict_lower = (beta_col * key_gram).masked_fill(~strictly_causal, 0.0)  # tril(diag(β) K Kᵀ ⊙ Γ, -1)
-    rhs = torch.cat([beta_col * keys_in, beta_col * v_c], dim=-1)  # [B, H, N, C, K + V]
-    solved = torch.linalg.solve_triangular(strict_lower, rhs, upper=False, unitriangular=True)
-    w, u = solved.split([dk, dv], dim=-1)
+    # UT transform: (I + tril(diag(β) K Kᵀ ⊙ Γ, -1))⁻¹, with diag(β) applied to the right-hand
+    # sides. With unitriangular=True the solver reads only the strictly lower triangle of ``gram``
+    # (its diagonal and upper part neither enter the result nor receive gradient).
+    identity = torch.eye(chunk, dtype=acc, device=q.device).expand_as(gram)
+    transform = torch.linalg.solve_triangular(gram, identity, upper=False, unitriangular=True)
+    w = transform @ keys_in  # [N, B·H, C, K]
+    u = transform @ (beta_c * v_c)  # [N, B·H, C, V]
 
-    # The only sequential part: carry the state from chunk to chunk.
-    start_states, pseudo_values = [], []
-    for i in range(n_chunks):
-        start_states.append(state)
-        delta = u[:, :, i] - w[:, :, i] @ state  # [B, H, C, V]
-        pseudo_values.append(delta)
-        written = keys_to_end[:, :, i].transpose(-1, -2) @ delta  # [B, H, K, V]
-        state = (state if chunk_decay is None else chunk_decay[:, :, i] * state) + written
-    starts = torch.stack(start_states, dim=2)  # [B, H, N, K, V]
-    deltas = torch.stack(pseudo_values, dim=2)  # [B, H, N, C, V]
+    # The only sequential part: carry the state from chunk to chunk. (``unbind`` rather than
+    # indexing, so that autograd gathers the slices' gradients once, not once per chunk.)
+    outputs = []
+    for w_i, u_i, q_i, attention_i, keys_i, decay_i in zip(
+            w.unbind(0), u.unbind(0), queries_from_state.unbind(0), attention.unbind(0),
+            keys_to_end.unbind(0), chunk_decays):
+        delta = torch.baddbmm(u_i, w_i, state, alpha=-1.0)  # U - W S [B·H, C, V]
+        outputs.append(torch.baddbmm(attention_i @ delta, q_i, state))
+        state = torch.baddbmm(state if decay_i is None else decay_i * state, keys_i.transpose(-1, -2), delta)
 
-    o = queries_from_state @ starts + attention @ deltas  # [B, H, N, C, V]
-    o = o.permute(0, 2, 3, 1, 4).reshape(b, n_chunks * chunk, h, dv)[:, :t]
-    return o.to(q.dtype), (state if output_final_state else None)
+    o = torch.stack(outputs).reshape(n_chunks, b, h, chunk, dv).permute(1, 0, 3, 2, 4)
+    o = o.reshape(b, n_chunks * chunk, h, dv)[:, :t]
+    return o.to(q.dtype), (state.reshape(b, h, dk, dv) if output_final_state else None)

@@ -18,12 +18,15 @@ from seqapps.report import print_metrics
 from seqapps.runs import RUN_DIR_ENV, AtomicCheckpointIO, RNGState, new_run_dir, write_json
 
 
-def fill_auto(net_cfg: DictConfig, info: dict) -> None:
-    """Net options set to ``auto`` take the value of the same name from the data's ``info()``."""
+FROM_DATA = "from_data"
+
+
+def fill_from_data(net_cfg: DictConfig, info: dict) -> None:
+    """Net options set to ``from_data`` take the value of the same name from the data's ``info()``."""
     for key, value in list(net_cfg.items()):
-        if value == "auto":
+        if value == FROM_DATA:
             if key not in info:
-                raise InputError(f"module.net.{key}=auto, but the data does not provide '{key}' "
+                raise InputError(f"module.net.{key}={FROM_DATA}, but the data does not provide '{key}' "
                                  f"(it provides {', '.join(sorted(info))}); set it explicitly")
             net_cfg[key] = info[key]
 
@@ -44,10 +47,10 @@ def instantiate(node, **kwargs):
 
 
 def build_data_and_module(cfg: DictConfig):
-    """Instantiate and check the datamodule, then the module (with ``auto`` options filled)."""
+    """Instantiate and check the datamodule, then the module (``from_data`` options filled)."""
     datamodule = instantiate(cfg.data)
     datamodule.load()
-    fill_auto(cfg.module.net, datamodule.info())
+    fill_from_data(cfg.module.net, datamodule.info())
     module = instantiate(cfg.module)
     return datamodule, module
 
