@@ -11,6 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+
+# The suite is many small tensor ops: one thread avoids the cost of two threads waiting on
+# each other (and on whatever else shares the two cores). Subprocesses get the same setting.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tiny and quiet: the AR generator, short windows, two epochs, no progress bar.
 TINY = ["data.dataset=ar", "data.ar.n_samples=600", "data.seq_len=8", "data.pred_len=4",

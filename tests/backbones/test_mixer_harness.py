@@ -107,3 +107,22 @@ def test_step_exports_with_torch_export_and_onnx(name, tmp_path):
     got = session.run(None, {n: t.numpy() for n, t in zip(names, (x_t, *state))})
     for g, w in zip(got, expected):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _Forward(torch.nn.Module):
+    """The whole-sequence forward as ``x -> y`` (what an exported model runs)."""
+
+    def __init__(self, mixer):
+        super().__init__()
+        self.mixer = mixer
+
+    def forward(self, x):
+        return self.mixer(x)[0]
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_forward_exports_to_onnx(name, tmp_path):
+    from seqapps.export import export_onnx
+
+    diff = export_onnx(_Forward(make(name)).eval(), (sequence(),), tmp_path / "model.onnx", ["x"], ["y"])
+    assert diff < 1e-4
