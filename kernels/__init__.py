@@ -8,7 +8,8 @@ parallel PyTorch, the CPU default and export path), ``triton`` (GPU kernels; on 
 
 from seqapps.kernels.delta_rule import delta_rule, delta_rule_step
 from seqapps.kernels.gla import gated_linear_attention, gla_step
+from seqapps.kernels.scan2d import scan2d, scan2d_step
 from seqapps.kernels.selective_scan import selective_scan, selective_scan_step
 
 __all__ = ["gated_linear_attention", "gla_step", "delta_rule", "delta_rule_step", "selective_scan",
-           "selective_scan_step"]
+           "selective_scan_step", "scan2d", "scan2d_step"]
