@@ -1,0 +1,1 @@
+"""Classification: images (and, later, time series) with any seqapps backbone."""

@@ -1,0 +1,100 @@
+"""The classification LightningModule: cross-entropy, accuracy and a confusion matrix
+(torchmetrics), export of the network with the input standardisation inside."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from seqapps.tasks import plotting
+from seqapps.tasks.base import SeqappsModule
+
+
+class Standardised(nn.Module):
+    """``net((x - mean) / std)``: a classifier on raw inputs ``[B, C, H, W]`` (or ``[B, T, C]``)."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class ClassifyModule(SeqappsModule):
+    """Train ``net: x -> logits [B, num_classes]`` with cross-entropy (label smoothing optional)."""
+
+    def __init__(self, net: Mapping, optimizer: Mapping, scheduler: Mapping | None = None,
+                 freeze: str = "full", label_smoothing: float = 0.0):
+        super().__init__(net, optimizer, scheduler, freeze)
+        self.save_hyperparameters({"label_smoothing": label_smoothing})
+        num_classes = self.hparams.net.get("num_classes")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, on_epoch=True, on_step=False, batch_size=len(x), sync_dist=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(x), sync_dist=True)
+        self.log("val/acc", self.val_acc, batch_size=len(x), prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.test_acc.update(logits, y)
+        self.confusion.update(logits, y)
+        self.log("test/model/acc", self.test_acc, batch_size=len(x))
+
+    # -- export
+    def export_spec(self) -> dict:
+        return {"_target_": f"{Standardised.__module__}.{Standardised.__qualname__}", "net": self.hparams.net,
+                "mean": self.data_info["mean"], "std": self.data_info["std"]}
+
+    def export_module(self) -> nn.Module:
+        return Standardised(self.net, self.data_info["mean"], self.data_info["std"])
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        info = self.data_info
+        return (torch.rand(2, info["in_chans"], info["img_size"], info["img_size"]),)
+
+    def io_names(self) -> tuple[list[str], list[str]]:
+        return ["images"], ["logits"]
+
+    # -- plots
+    @torch.no_grad()
+    def make_plots(self, datamodule, folder: str | Path) -> list[Path]:
+        self.confusion.reset()
+        model = self.net.eval()
+        for x, y in datamodule.test_dataloader():
+            self.confusion.update(model(x.to(self.device)), y.to(self.device))
+        matrix = self.confusion.compute().cpu().numpy()
+        names = self.data_info.get("class_names") or [str(i) for i in range(len(matrix))]
+        fig, ax = plotting.new_figure(5.5, 5.0)
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(j, i, int(count), ha="center", va="center", fontsize=7,
+                        color="white" if count > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 12 else 0)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        accuracy = matrix.trace() / max(1, matrix.sum())
+        ax.set_title(f"test confusion matrix — accuracy {accuracy:.3f}")
+        return [plotting.save(fig, Path(folder) / "confusion_matrix.png")]
