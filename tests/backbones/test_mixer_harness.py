@@ -120,7 +120,17 @@ class _Forward(torch.nn.Module):
         return self.mixer(x)[0]
 
 
-@pytest.mark.parametrize("name", MIXERS)
+# The chunked GLA and delta-rule kernels write into views inside their autograd Functions /
+# solve triangular systems, which the ONNX exporter cannot convert yet: the mixers built on them
+# export their one-token step (above) but not yet their whole-sequence forward. Strict: the
+# day a kernel becomes exportable, this list must shrink.
+NOT_YET_ONNX_EXPORTABLE = {"gla", "retnet", "mamba2", "hgrn2", "rwkv6", "mlstm", "lightnet",
+                           "deltanet", "gated_deltanet"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="chunk kernel not ONNX-exportable yet"))
+    if n in NOT_YET_ONNX_EXPORTABLE else n for n in MIXERS])
 def test_forward_exports_to_onnx(name, tmp_path):
     from seqapps.export import export_onnx
 
