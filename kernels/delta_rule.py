@@ -16,7 +16,7 @@ from seqapps.kernels.backend import expect_shape, resolve_backend
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                g: torch.Tensor | None = None, scale: float | None = None,
                initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-               backend: str = "auto", chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+               backend: str = "auto", chunk_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]

@@ -17,6 +17,7 @@ from kernel_harness import assert_matches, rel_rms, run_with_grads
 from seqapps.errors import InputError
 from seqapps.kernels import delta_rule
 from seqapps.kernels.delta_rule import delta_rule_recurrent
+from seqapps.kernels.delta_rule_chunk import unit_lower_inverse
 
 FLOAT32_TOL = 1e-5
 # bf16 inputs, float32 accumulation in both backends: what differs is the rounding of the bf16
@@ -160,6 +161,42 @@ def test_torch_compile_forward_and_backward():
     want = run_with_grads(_DeltaRule(), inputs)
     errors = {name: rel_rms(got[name], want[name]) for name in want}
     assert max(errors.values()) < FLOAT32_TOL, errors
+
+
+class _PlainDeltaRule(torch.nn.Module):
+    def forward(self, q, k, v, beta, initial_state):
+        return delta_rule(q, k, v, beta, initial_state=initial_state, output_final_state=True,
+                          backend="chunk", chunk_size=8)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_onnx_export_of_the_chunk_form(gated, tmp_path):
+    """The chunk form is what exported models run: ``torch.onnx.export`` with a dynamic batch,
+    then onnxruntime on a batch of another size against PyTorch (three chunks and a tail)."""
+    pytest.importorskip("onnxruntime")
+    from seqapps.export import export_onnx
+
+    inputs = make_inputs(2, 30, 2, 8, 4, gated=gated, beta_max=2.0, seed=7)
+    if gated:
+        model, names = _DeltaRule(), ["q", "k", "v", "beta", "g", "initial_state"]
+    else:
+        model, names = _PlainDeltaRule(), ["q", "k", "v", "beta", "initial_state"]
+    args = tuple(inputs[name] for name in names)
+    diff = export_onnx(model, args, tmp_path / "delta_rule.onnx", names, ["o", "final_state"])
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("size", [1, 2, 16, 64])
+def test_unit_lower_inverse_is_exact(size):
+    """The doubling inverse of ``I + A`` (``A`` strictly lower, entries as large as the UT
+    transform's with β up to 2) against a triangular solve, in float64."""
+    gen = torch.Generator().manual_seed(size)
+    strict = torch.tril(2 * torch.rand(3, 2, size, size, generator=gen, dtype=torch.float64) - 1, -1)
+    identity = torch.eye(size, dtype=torch.float64).expand_as(strict)
+    want = torch.linalg.solve_triangular(identity + strict, identity, upper=False, unitriangular=True)
+    got = unit_lower_inverse(strict)
+    assert rel_rms(got, want) < 1e-12
+    assert torch.equal(got.triu(1), torch.zeros_like(got))
 
 
 def _bad(**changes) -> dict:
