@@ -190,13 +190,14 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(tmp_path):
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("this triton has no bundled ptxas to compile for NVIDIA GPUs")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # outside the repository, so that its seqapps/ folder cannot shadow the installed package
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
