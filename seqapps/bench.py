@@ -87,15 +87,15 @@ def gla_scalar_flops(batch: int, heads: int, T: int, dim: int, chunk: int = 64) 
 
 # --------------------------------------------------------------------------- timing
 def _return_freed_memory_to_the_os() -> None:
-    """glibc keeps freed blocks (and raises its mmap threshold as it goes), which would hide
-    the peak of a case behind earlier ones: fix the threshold so large tensors come from mmap
-    and go back to the OS when freed, making the peak resident set a per-case measure."""
+    """glibc keeps freed blocks in its heap, which would hide the peak of a case behind the
+    pages earlier cases left resident: ``malloc_trim(0)`` hands every free page back first, so
+    the growth of the peak resident set is a per-case measure. (Fixing a low mmap threshold
+    instead would also do it, but turns every state-sized tensor of the recurrent loop into an
+    mmap/munmap pair and slows that loop about fivefold: the allocator stays as users have it.)"""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -105,6 +105,7 @@ def _reset_peak(device) -> float:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
+    _return_freed_memory_to_the_os()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -200,8 +201,6 @@ def run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa"),
     for op in ops:
         if op not in OPS:
             raise InputError(f"bench: unknown op '{op}'; choose from {', '.join(OPS)}")
-    if dev.type == "cpu":
-        _return_freed_memory_to_the_os()
     ceiling = matmul_gflops(dev, dt)
     log(f"device {dev} ({torch.get_num_threads()} threads), {dtype}; matmul ceiling {ceiling:.1f} GFLOP/s")
     cases: list[Case] = []
