@@ -3,9 +3,21 @@
 The on-disk format is the one of the Time-Series-Library (ETT, Weather, ECL, Traffic, ...):
 a ``date`` column, then the features, the target last. Splits follow that library:
 
-* ``ETTh*`` files: 12/4/4 months of hours; ``ETTm*``: the same in 15-minute steps;
-* every other file: 70 % train, 10 % validation, 20 % test, validation and test starting
-  ``seq_len`` rows earlier so that their first window has a full history.
+* ``ETTh*`` files: 12/4/4 months of hours; ``ETTm*``: the same in 15-minute steps
+  (standard borders, rows ``[0, 8640)``, ``[8640, 11520)``, ``[11520, 14400)`` for ETTh1/2);
+* every other file (Weather, ECL, Traffic, ...): 70 % train, 10 % validation, 20 % test;
+* validation and test start ``seq_len`` rows earlier, so that their first window has a full
+  history (their targets never overlap the training rows).
+
+Short files just work: when 10 % or 20 % of the rows is less than ``pred_len``, validation and
+test get ``pred_len`` rows of targets each (one window) and training keeps the rest; an ``ETT*``
+file shorter than its 20 months falls back to the 70/10/20 rule. The least a file needs is
+``seq_len + 3·pred_len`` rows (one training window, and ``pred_len`` more for each of validation
+and test); a shorter one is refused with one line that says so.
+
+The Time-Series-Library protocol of the long-term forecasting tables is ``seq_len=96``,
+``pred_len`` in {96, 192, 336, 720}, ``features=M``, MSE/MAE on the scaled data, the test
+loader keeping its last, partial batch.
 
 A ``StandardScaler`` is fitted on the training rows only. ``features`` is ``M`` (all variables
 in, all out), ``S`` (the target alone) or ``MS`` (all in, the target out).
@@ -120,11 +132,17 @@ def read_tslib_csv(path: str | os.PathLike) -> pd.DataFrame:
     if "date" not in frame.columns:
         raise InputError(f"data.path: '{path}' has no 'date' column (columns: "
                          f"{_names(frame.columns)}); the Time-Series-Library layout starts with one")
+    hint = "write them as e.g. 2016-07-01 00:00:00"
     try:
         frame["date"] = pd.to_datetime(frame["date"])
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise InputError(f"data.path: the 'date' column of '{path}' does not parse as timestamps "
-                         f"({str(err).splitlines()[0]}); write them as e.g. 2016-07-01 00:00:00") from None
+                         f"({str(err).splitlines()[0]}); {hint}") from None
+    missing = frame["date"].isna()
+    if missing.any():
+        row = int(np.flatnonzero(missing.to_numpy())[0])
+        raise InputError(f"data.path: the 'date' column of '{path}' has {int(missing.sum())} empty or "
+                         f"unparseable timestamps (first at row {row}); {hint}")
     return frame
 
 
@@ -152,16 +170,30 @@ def _names(columns: Sequence[str], limit: int = 12) -> str:
 
 
 # --------------------------------------------------------------------------- windows
-def split_borders(n_rows: int, seq_len: int, file_name: str = "") -> tuple[list[int], list[int]]:
-    """Start and end rows of train/val/test, as the Time-Series-Library sets them."""
+def min_rows(seq_len: int, pred_len: int) -> int:
+    """The fewest rows a series needs: one training window, ``pred_len`` targets for validation
+    and ``pred_len`` for test."""
+    return seq_len + 3 * pred_len
+
+
+def split_borders(n_rows: int, seq_len: int, file_name: str = "",
+                  pred_len: int = 0) -> tuple[list[int], list[int]]:
+    """Start and end rows of train/val/test, as the Time-Series-Library sets them; with
+    ``pred_len``, a short series still gets one validation and one test window (see the module
+    docstring)."""
     name = Path(file_name).name
     if name.startswith(("ETTh", "ETTm")):
         per_month = 30 * 24 * (4 if name.startswith("ETTm") else 1)
         ends = [12 * per_month, 16 * per_month, 20 * per_month]
-        starts = [0, ends[0] - seq_len, ends[1] - seq_len]
-        return starts, ends
+        if n_rows >= ends[-1]:
+            starts = [0, ends[0] - seq_len, ends[1] - seq_len]
+            return starts, ends
     n_train, n_test = int(n_rows * 0.7), int(n_rows * 0.2)
     n_val = n_rows - n_train - n_test
+    if pred_len and min(n_val, n_test) < pred_len:  # short: one window each for val and test
+        n_test = max(n_test, pred_len)
+        n_val = max(n_rows - n_train - n_test, pred_len)
+        n_train = n_rows - n_val - n_test
     starts = [0, n_train - seq_len, n_rows - n_test - seq_len]
     ends = [n_train, n_train + n_val, n_rows]
     return starts, ends
@@ -238,8 +270,14 @@ class ForecastDataModule(L.LightningDataModule):
         columns = [target] if self.features == "S" else [c for c in variables if c != target] + [target]
         check_frame(frame, source, columns)
 
-        starts, ends = split_borders(len(frame), self.seq_len, str(self.path or ""))
         need = self.seq_len + self.pred_len
+        if len(frame) < min_rows(self.seq_len, self.pred_len):
+            raise InputError(
+                f"{source} has {len(frame)} rows, too short for data.seq_len={self.seq_len} and "
+                f"data.pred_len={self.pred_len}: one training window ({need} rows) and pred_len more "
+                f"each for validation and test need {min_rows(self.seq_len, self.pred_len)}; use a "
+                "shorter seq_len/pred_len or a longer series")
+        starts, ends = split_borders(len(frame), self.seq_len, str(self.path or ""), self.pred_len)
         for name, s, e in zip(("train", "val", "test"), starts, ends):
             if s < 0 or e - s < need:
                 raise InputError(

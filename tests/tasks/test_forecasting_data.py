@@ -13,6 +13,7 @@ from seqapps.tasks.sampling import EpochSeededSampler
 from seqapps.tasks.forecasting.data import (
     ForecastDataModule,
     generate_ar,
+    min_rows,
     split_borders,
     weather_frame,
 )
@@ -27,6 +28,29 @@ def test_split_borders_follow_the_time_series_library():
     assert ends == [8640, 11520, 14400] and starts == [0, 8640 - 96, 11520 - 96]
     starts, ends = split_borders(69680, seq_len=96, file_name="ETTm2.csv")
     assert ends == [34560, 46080, 57600]
+    # a long series keeps the standard borders whatever the horizon
+    assert split_borders(8760, 96, pred_len=720) == split_borders(8760, 96)
+
+
+def test_short_csv_just_works_with_one_validation_and_one_test_window(tmp_path):
+    # 300 rows at 96 -> 48: 10 % (30 rows) cannot hold a validation target; it gets 48 rows
+    path = write_tslib_csv(tmp_path / "short.csv", n=300)
+    dm = ForecastDataModule(path=str(path), seq_len=96, pred_len=48, features="M")
+    dm.load()
+    starts, ends = split_borders(300, 96, pred_len=48)
+    assert ends == [192, 240, 300] and starts == [0, 192 - 96, 240 - 96]
+    assert [len(dm.windows(s)) for s in ("train", "val", "test")] == [192 - 144 + 1, 1, 60 - 48 + 1]
+    # validation and test targets start after the training rows: no target is seen in training
+    assert ends[0] <= starts[1] + 96 and ends[1] <= starts[2] + 96
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (1, 96, 3) and y.shape == (1, 48, 3)
+    # the fewest rows that work, and a short ETT file falls back to the 70/10/20 rule
+    n = min_rows(96, 48)
+    ForecastDataModule(path=str(write_tslib_csv(tmp_path / "least.csv", n=n)), seq_len=96, pred_len=48).load()
+    dm = ForecastDataModule(path=str(write_tslib_csv(tmp_path / "ETTh1.csv", n=1000)), seq_len=96,
+                            pred_len=96, features="M")
+    dm.load()
+    assert len(dm.windows("test")) == 200 - 96 + 1
 
 
 @pytest.mark.parametrize("features, n_in, n_out", [("S", 1, 1), ("M", 3, 3), ("MS", 3, 1)])
@@ -94,14 +118,23 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     frame.to_csv(tmp_path / "nan.csv", index=False)
     msg = _error(tmp_path, path=str(tmp_path / "nan.csv"), seq_len=8, pred_len=4)
     assert "1 missing values" in msg and "row 17" in msg
-    assert "longer than the" in _error(tmp_path, path=str(good), seq_len=96, pred_len=96)
+    # shorter than seq_len + pred_len, and long enough for one window but not for the splits
+    msg = _error(tmp_path, path=str(good), seq_len=150, pred_len=96)
+    assert "has 200 rows, too short" in msg and f"need {150 + 3 * 96}" in msg
+    assert "too short" in _error(tmp_path, path=str(good), seq_len=96, pred_len=40)
     frame = pd.read_csv(good)
     frame["date"] = "not a date"
     frame.to_csv(tmp_path / "baddate.csv", index=False)
     assert "does not parse" in _error(tmp_path, path=str(tmp_path / "baddate.csv"))
     frame = pd.read_csv(good)
+    frame.loc[5, "date"] = np.nan
+    frame.to_csv(tmp_path / "nodate.csv", index=False)
+    msg = _error(tmp_path, path=str(tmp_path / "nodate.csv"))
+    assert "1 empty or unparseable timestamps" in msg and "row 5" in msg
+    frame = pd.read_csv(good)
     frame["OT"] = 1.0
     frame.to_csv(tmp_path / "const.csv", index=False)
-    assert "constant" in _error(tmp_path, path=str(tmp_path / "const.csv"), seq_len=8, pred_len=4)
+    msg = _error(tmp_path, path=str(tmp_path / "const.csv"), seq_len=8, pred_len=4)
+    assert "column 'OT' is constant" in msg and "zero std" in msg
     assert "not a mode" in _error(tmp_path, path=str(good), features="X")
     assert "not a bundled dataset" in _error(tmp_path, dataset="nope")
