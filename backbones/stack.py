@@ -10,6 +10,7 @@ token give the same outputs (in eval mode: drop-path is random in training).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqapps.backbones.block import Block, MixerSpec, make_norm, mixer_name
+from seqapps.backbones.mixer import mixer_class
 from seqapps.errors import InputError
 
 State = tuple[torch.Tensor, ...]
@@ -48,6 +50,33 @@ def layer_kwargs(specs: Sequence[MixerSpec], mixer_kwargs: Mapping | None) -> li
     return [{**shared, **per_name.get(mixer_name(s), {})} for s in specs]
 
 
+def accepted_kwargs(spec: MixerSpec, offered: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``offered`` that the mixer ``spec`` builds with: those whose names its
+    constructor (a registered class's ``__init__``, or the callable itself) declares as
+    parameters (a ``**kwargs`` catch-all takes none of them)."""
+    target = mixer_class(mixer_name(spec)) if isinstance(spec, (str, Mapping)) else spec
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: offer nothing
+        return {}
+    named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in offered.items() if k in named}
+
+
+def position_kwargs(specs: Sequence[MixerSpec], kwargs: Sequence[Mapping[str, Any]],
+                    context: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each layer's keyword arguments with what the stack knows of the layer added, for the
+    mixers that take it: ``layer_idx`` (0-based) and ``num_layers`` (RWKV-6's layer-dependent
+    initialisation, say) and the entries of ``context`` (e.g. the grid geometry an image
+    backbone offers). Explicit ``kwargs`` win over both; both win over a spec's own options
+    (``conf/backbone/mixer/<name>.yaml``)."""
+    layers = []
+    for i, (spec, own) in enumerate(zip(specs, kwargs)):
+        offered = {**dict(context or {}), "layer_idx": i, "num_layers": len(specs)}
+        layers.append({**accepted_kwargs(spec, offered), **own})
+    return layers
+
+
 class SequenceStack(nn.Module):
     """``depth`` residual :class:`Block` s and a final norm (no embedding, no head).
 
@@ -57,6 +86,8 @@ class SequenceStack(nn.Module):
         mixer: a mixer spec (``"gla"``, ``{"name": "gla", ...}`` as in
             ``conf/backbone/mixer/*.yaml``, a callable) or a list of them for a hybrid.
         mixer_kwargs: extra mixer arguments (see :func:`layer_kwargs` for hybrids).
+        mixer_context: keyword arguments offered to every mixer whose constructor takes them
+            (see :func:`position_kwargs`); ``layer_idx`` and ``num_layers`` are always offered.
         norm, ffn, mlp_ratio, dropout: as in :class:`Block`.
         drop_path: the largest stochastic-depth rate; layer ``i`` gets ``drop_path * i / (depth - 1)``.
         final_norm: end with a norm (pre-norm stacks need one).
@@ -70,7 +101,8 @@ class SequenceStack(nn.Module):
     def __init__(self, dim: int, depth: int = 2, mixer: MixerSpec | Sequence[MixerSpec] = "gla",
                  mixer_kwargs: Mapping | None = None, norm: str = "rmsnorm", ffn: str = "glu",
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, dropout: float = 0.0, final_norm: bool = True,
-                 norm_eps: float = 1e-5, wrap_mixer: Callable[[Callable[[], nn.Module]], nn.Module] | None = None):
+                 norm_eps: float = 1e-5, wrap_mixer: Callable[[Callable[[], nn.Module]], nn.Module] | None = None,
+                 mixer_context: Mapping[str, Any] | None = None):
         super().__init__()
         self.dim, self.depth = dim, depth
         specs = layer_mixers(mixer, depth)
@@ -79,7 +111,8 @@ class SequenceStack(nn.Module):
         self.blocks = nn.ModuleList([
             Block(dim, spec, kwargs, norm=norm, ffn=ffn, mlp_ratio=mlp_ratio, drop_path=rate, dropout=dropout,
                   norm_eps=norm_eps, wrap_mixer=wrap_mixer)
-            for spec, kwargs, rate in zip(specs, layer_kwargs(specs, mixer_kwargs), rates)])
+            for spec, kwargs, rate in zip(specs, position_kwargs(specs, layer_kwargs(specs, mixer_kwargs),
+                                                                 mixer_context), rates)])
         self.norm = make_norm(norm, dim, norm_eps) if final_norm else nn.Identity()
         self.state_sizes = tuple(len(block.init_state(1, device="meta")) for block in self.blocks)
         self.grad_checkpointing = False

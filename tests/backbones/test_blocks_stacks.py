@@ -203,3 +203,42 @@ def test_backbone_configs_compose_with_any_mixer_yaml(config):
         assert y.shape == (1, 3, 32)
     else:
         assert model(torch.randn(1, 1, 8, 8)).shape == (1, 10)
+
+
+class PositionAware(CumulativeMean):
+    """A test mixer that records the layer position the stack gives it."""
+
+    def __init__(self, dim: int, layer_idx: int = -1, num_layers: int = -1, column_shape=()):
+        super().__init__(dim)
+        self.layer_idx, self.num_layers, self.column_shape = layer_idx, num_layers, tuple(column_shape)
+
+
+def test_stack_gives_layer_position_to_mixers_that_take_it():
+    stack = SequenceStack(DIM, depth=3, mixer=PositionAware, mixer_context={"column_shape": (4,), "unused": 1})
+    assert [(b.mixer.layer_idx, b.mixer.num_layers, b.mixer.column_shape) for b in stack.blocks] == \
+        [(0, 3, (4,)), (1, 3, (4,)), (2, 3, (4,))]
+    # a mixer that declares none of them is built as before (no unexpected keyword)
+    plain = SequenceStack(DIM, depth=2, mixer=CumulativeMean, mixer_context={"column_shape": (4,)})
+    assert [type(b.mixer) for b in plain.blocks] == [CumulativeMean, CumulativeMean]
+    # in a hybrid the count is the stack's depth, the index the layer's; explicit kwargs win
+    hybrid = SequenceStack(DIM, depth=4, mixer=[PositionAware, CumulativeMean],
+                           mixer_kwargs={"PositionAware": {"num_layers": 7}})
+    assert [(b.mixer.layer_idx, b.mixer.num_layers) for b in hybrid.blocks[::2]] == [(0, 7), (2, 7)]
+
+
+def test_rwkv6_layers_get_the_papers_depth_dependent_initialisation():
+    from seqapps.backbones import build_mixer
+
+    stack = SequenceStack(DIM, depth=3, mixer={"name": "rwkv6", "layer_idx": 0, "num_layers": 1})
+    decays = [block.mixer.decay_bias.detach() for block in stack.blocks]
+    for i, decay in enumerate(decays):
+        torch.testing.assert_close(decay, build_mixer("rwkv6", DIM, layer_idx=i, num_layers=3).decay_bias.detach())
+    # deeper layers forget more slowly: w = exp(-exp(decay_bias)) nearer 1
+    assert decays[2].mean() < decays[0].mean() - 0.5
+    # the image backbone's stack (each mixer inside a GridScan) gets them as well
+    from seqapps.backbones.image import ImageBackbone
+
+    image = ImageBackbone(img_size=8, patch_size=2, in_chans=1, embed_dim=DIM, depth=2, mixer="rwkv6")
+    last = image.stack.blocks[1].mixer.paths[0]
+    torch.testing.assert_close(last.decay_bias.detach(),
+                               build_mixer("rwkv6", DIM, layer_idx=1, num_layers=2).decay_bias.detach())
