@@ -1,0 +1,210 @@
+"""Chimera (Behrouz, Santacatterina & Zabih, 2024, "Chimera: Effectively Modeling Multivariate
+Time Series with 2-Dimensional State Space Models") as a time-series model: multivariate
+forecasting here, classification in ``seqapps.tasks.classification.series``, anomaly scores as
+reconstruction error (:class:`ChimeraReconstructor`).
+
+The model: every variate's series is embedded on its own (a shared linear map of each value, or
+of each patch of ``patch_len`` values, plus a learned embedding of the variate), which lays the
+window out as a grid ``[B, V, P, D]`` of variates × time steps (``P = ceil(T / patch_len)``).
+Stacked residual blocks whose mixer is Chimera's 2-D selective SSM
+(``seqapps.backbones.mixers.chimera``; pre-norm, mixer, SwiGLU) sweep that grid: along time
+(causal) and along the variates (both directions by default), with two coupled states per cell.
+Heads read the grid: a flatten-linear forecast of ``pred_len`` steps per variate (as PatchTST's
+and the Time-Series-Library's heads), a mean-pooled classifier, a per-token reconstruction.
+
+The ablation of the cross-variate path is the same model with ``cross_variate=False`` in the
+mixer (``backbone.mixer.cross_variate=false``): no state crosses between variates, so each
+variate is forecast (or embedded) from its own history alone, by the same weights.
+
+Any seqapps 1-D stack can replace the 2-D one: with ``layout="grid"`` a 1-D mixer then runs on
+each variate separately (channel independence); with ``layout="channels"`` all variates of a time
+step (or patch) are embedded into one token and the stack mixes ``[B, P, D]``.
+
+Left out from the paper's full system: its second (seasonal) 2-D SSM head with another
+discretisation, the data-dependent gating of the two heads, the trend/seasonal decomposition and
+the closed-loop decoder for long horizons (the mixer's docstring says the same).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqapps.backbones.stack import SequenceStack
+from seqapps.errors import InputError
+
+LAYOUTS = ("auto", "grid", "channels")
+
+
+def chimera_stack(dim: int = 32, depth: int = 2, cross_variate: bool = True, **mixer: Any) -> SequenceStack:
+    """A :class:`SequenceStack` of Chimera blocks (the default backbone of the models here)."""
+    return SequenceStack(dim, depth, mixer={"name": "chimera", "cross_variate": cross_variate, **mixer})
+
+
+def build_backbone(backbone: nn.Module | Mapping | None) -> nn.Module:
+    """A built stack, a mapping of :func:`chimera_stack` arguments, or None (the default)."""
+    if backbone is None:
+        return chimera_stack()
+    if isinstance(backbone, Mapping):
+        return chimera_stack(**backbone)
+    if not hasattr(backbone, "dim"):
+        raise InputError(f"backbone: expected a seqapps stack (with .dim), got {type(backbone).__name__}")
+    return backbone
+
+
+class SeriesEncoder(nn.Module):
+    """A multivariate window ``x [B, T, V]`` -> tokens, through a stack.
+
+    ``layout="grid"``: per-variate tokens ``[B, V, P, D]``; a grid-native stack (Chimera) sweeps
+    the grid, a 1-D stack runs on each variate's row. ``layout="channels"``: one token per time
+    step (or patch) for all variates, ``[B, P, D]``. ``auto``: grid for grid-native stacks,
+    channels otherwise. Series shorter than a multiple of ``patch_len`` are left-padded with
+    their first value.
+    """
+
+    def __init__(self, num_variates: int, backbone: nn.Module | Mapping | None = None, patch_len: int = 1,
+                 layout: str = "auto", dropout: float = 0.0):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise InputError(f"layout='{layout}' is not one of {', '.join(LAYOUTS)}")
+        if num_variates < 1 or patch_len < 1:
+            raise InputError(f"num_variates={num_variates}, patch_len={patch_len}: both must be >= 1")
+        self.backbone = build_backbone(backbone)
+        self.num_variates, self.patch_len, self.dim = num_variates, patch_len, self.backbone.dim
+        grid_native = bool(getattr(self.backbone, "grid_native", False))
+        self.layout = ("grid" if grid_native else "channels") if layout == "auto" else layout
+        if self.layout == "channels" and grid_native:
+            raise InputError("layout='channels' gives a 1-D sequence; a grid-native mixer (Chimera) needs layout='grid'")
+        if self.layout == "grid":
+            self.value_embedding = nn.Linear(patch_len, self.dim)
+            self.variate_embedding = nn.Parameter(torch.randn(num_variates, self.dim) * 0.02)
+        else:
+            self.value_embedding = nn.Linear(patch_len * num_variates, self.dim)
+            self.variate_embedding = None
+        self.dropout = nn.Dropout(dropout)
+
+    def num_tokens(self, seq_len: int) -> int:
+        """``P``, the number of time tokens of a window of ``seq_len`` steps."""
+        return math.ceil(seq_len / self.patch_len)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, V]`` -> ``[B, V, P, patch_len]`` (left-padded with the first value)."""
+        if x.ndim != 3 or x.shape[-1] != self.num_variates:
+            raise InputError(f"expected a window of shape [batch, time, {self.num_variates} variates], "
+                             f"got {list(x.shape)}")
+        pad = -x.shape[1] % self.patch_len
+        if pad:
+            x = torch.cat([x[:, :1].expand(-1, pad, -1), x], 1)
+        return x.transpose(1, 2).unflatten(2, (-1, self.patch_len))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, V]`` -> ``[B, V, P, D]`` (grid) or ``[B, P, D]`` (channels)."""
+        patches = self.patches(x)
+        if self.layout == "channels":
+            tokens = self.value_embedding(patches.permute(0, 2, 1, 3).flatten(2))  # [B, P, V * patch] -> [B, P, D]
+            return self.backbone(self.dropout(tokens))[0]
+        tokens = self.dropout(self.value_embedding(patches) + self.variate_embedding[:, None])  # [B, V, P, D]
+        if getattr(self.backbone, "grid_native", False):
+            return self.backbone(tokens)[0]
+        b, v, p, d = tokens.shape  # a 1-D stack: each variate its own sequence
+        return self.backbone(tokens.reshape(b * v, p, d))[0].view(b, v, p, d)
+
+
+class RevIN(nn.Module):
+    """Instance normalisation of each window by its own per-variate mean and std (Kim et al.,
+    2022, without the affine part): ``normalise(x [B, T, V])``, then ``denormalise(y [B, L, V'])``
+    with the statistics of the last ``V'`` variates."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        mean = x.mean(1, keepdim=True).detach()
+        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + self.eps).detach()
+        return (x - mean) / std, (mean, std)
+
+    @staticmethod
+    def denormalise(y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        mean, std = stats
+        n = y.shape[-1]
+        return y * std[..., -n:] + mean[..., -n:]
+
+
+class ChimeraForecaster(nn.Module):
+    """Chimera for forecasting: ``x [B, seq_len, n_in] -> [B, pred_len, n_out]``.
+
+    ``n_out == n_in`` (features ``M``/``S``) forecasts every variate; ``n_out == 1`` (``MS``) the
+    last one (the target), from the grid of all of them.
+
+    Args:
+        backbone: the stack (default: two Chimera blocks of width 32); see :class:`SeriesEncoder`.
+        patch_len: time steps per token (1: one grid cell per observation, as the paper).
+        revin: normalise each window by its own statistics and undo it on the forecast.
+        layout, dropout: as :class:`SeriesEncoder`.
+    """
+
+    def __init__(self, seq_len: int, pred_len: int, n_in: int, n_out: int | None = None,
+                 backbone: nn.Module | Mapping | None = None, patch_len: int = 1, revin: bool = True,
+                 layout: str = "auto", dropout: float = 0.0):
+        super().__init__()
+        n_out = n_in if n_out is None else n_out
+        if n_out not in (1, n_in):
+            raise InputError(f"ChimeraForecaster: n_out={n_out} with n_in={n_in}; n_out must be 1 (MS) or n_in (S, M)")
+        self.seq_len, self.pred_len, self.n_in, self.n_out = seq_len, pred_len, n_in, n_out
+        self.encoder = SeriesEncoder(n_in, backbone, patch_len, layout, dropout)
+        self.revin = RevIN() if revin else None
+        flat = self.encoder.num_tokens(seq_len) * self.encoder.dim
+        per_token = self.encoder.layout == "grid"
+        self.head = nn.Linear(flat, pred_len if per_token else pred_len * n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, seq_len, n_in]`` -> ``[B, pred_len, n_out]``."""
+        if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.n_in:
+            raise InputError(f"ChimeraForecaster expects x of shape [batch, {self.seq_len}, {self.n_in}], "
+                             f"got {list(x.shape)}")
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalise(x)
+        tokens = self.encoder(x)
+        if self.encoder.layout == "grid":
+            y = self.head(tokens.flatten(2)).transpose(1, 2)[..., -self.n_out:]  # [B, V, P*D] -> [B, pred_len, n_out]
+        else:
+            y = self.head(tokens.flatten(1)).view(-1, self.pred_len, self.n_out)
+        return y if stats is None else self.revin.denormalise(y, stats)
+
+
+class ChimeraReconstructor(nn.Module):
+    """Chimera for anomaly scores by reconstruction (the Time-Series-Library's protocol: train
+    to reconstruct normal windows; the score of a step is its squared reconstruction error).
+
+    ``forward(x [B, T, V]) -> x̂ [B, T, V]``; :meth:`anomaly_score` ``-> [B, T]`` (mean over the
+    variates of ``(x - x̂)²``). The width ``D`` of the tokens is the bottleneck (keep it small
+    against ``patch_len × (1 + ...)``); ``revin`` as :class:`ChimeraForecaster`.
+    """
+
+    def __init__(self, n_in: int, backbone: nn.Module | Mapping | None = None, patch_len: int = 1,
+                 revin: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.n_in = n_in
+        self.encoder = SeriesEncoder(n_in, backbone, patch_len, "grid", dropout)
+        self.revin = RevIN() if revin else None
+        self.head = nn.Linear(self.encoder.dim, patch_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1] if x.ndim == 3 else 0
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalise(x)
+        tokens = self.encoder(x)  # [B, V, P, D]
+        recon = self.head(tokens).flatten(2)[..., -t:].transpose(1, 2)  # [B, P*patch, V] -> last T steps
+        return recon if stats is None else self.revin.denormalise(recon, stats)
+
+    @torch.no_grad()
+    def anomaly_score(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, V]`` -> ``[B, T]``, the squared reconstruction error averaged over variates."""
+        return (x - self(x)).pow(2).mean(-1)
