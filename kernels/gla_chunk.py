@@ -93,12 +93,57 @@ def gla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
             x = F.pad(x, [0, 0, 0, padded - length])
         return x.reshape(batch * heads * n_chunks, chunk, x.shape[-1])
 
+    if torch.compiler.is_exporting():
+        return gla_chunk_reference(q, k, v, g, scale, initial_state, output_final_state, chunk)
     state = (torch.zeros(batch * heads, key_dim, value_dim, dtype=acc, device=q.device)
              if initial_state is None else initial_state.to(acc).reshape(batch * heads, key_dim, value_dim))
     g = g if g.ndim == 4 else g.unsqueeze(-1)  # [B, T, H, K or 1]
     out, final_state = _ChunkedGLA.apply(chunked(q), chunked(k), chunked(v), chunked(g), state, scale)
     out = out.view(batch, heads, padded, value_dim)[:, :, :length].movedim(1, 2).to(q.dtype)
     return out, (final_state.view(batch, heads, key_dim, value_dim) if output_final_state else None)
+
+
+def gla_chunk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+                        initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                        chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same chunked form in plain, out-of-place tensor operations, written to be read: the
+    intra-chunk decays ``exp(G_i - G_j)`` are formed for every pair (``[C, C, K]`` per chunk,
+    upper triangle zeroed before ``exp``), and the state is carried by a loop over the chunks.
+    ``O(T·C·K)`` memory instead of ``O(T·K)``, no hand-written backward, no writes into views: what
+    ``torch.export`` and the ONNX exporter trace (``gla_chunk`` hands over to it while exporting),
+    and a second reference for the fast path. Same shapes and dtypes as ``gla_chunk``."""
+    batch, length, heads, key_dim = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    chunk = min(chunk_size, max(length, 1))
+    n_chunks = -(-length // chunk)
+    padded = n_chunks * chunk
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H, D]`` -> ``[B, H, N, C, D]`` in ``acc``, zero-padded at the end (inert)."""
+        x = x.to(acc).movedim(1, 2)
+        if padded != length:
+            x = F.pad(x, [0, 0, 0, padded - length])
+        return x.reshape(batch, heads, n_chunks, chunk, x.shape[-1])
+
+    q_c, k_c, v_c = chunked(q), chunked(k), chunked(v)
+    log_decay = chunked(g if g.ndim == 4 else g.unsqueeze(-1)).cumsum(3)  # G within each chunk
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril().unsqueeze(-1)
+    gap = (log_decay.unsqueeze(4) - log_decay.unsqueeze(3)).masked_fill(~causal, 0.0)  # G_i - G_j
+    pair_decay = gap.clamp_min(_EXP_FLOOR).exp().masked_fill(~causal, 0.0)  # [B, H, N, C, C, K or 1]
+    attention = torch.einsum("bhnik,bhnijk,bhnjk->bhnij", q_c, pair_decay.expand(-1, -1, -1, -1, -1, key_dim), k_c)
+    queries = q_c * log_decay.clamp_min(_EXP_FLOOR).exp()  # q ⊙ exp(G)
+    keys_to_end = k_c * (log_decay[:, :, :, -1:] - log_decay).clamp_min(_EXP_FLOOR).exp()
+    chunk_decay = log_decay[:, :, :, -1].clamp_min(_EXP_FLOOR).exp().unsqueeze(-1)  # [B, H, N, K or 1, 1]
+
+    state = (q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=acc) if initial_state is None
+             else initial_state.to(acc))
+    entering = []
+    for n in range(n_chunks):
+        entering.append(state)
+        state = chunk_decay[:, :, n] * state + keys_to_end[:, :, n].transpose(-1, -2) @ v_c[:, :, n]
+    out = scale * (attention @ v_c + queries @ torch.stack(entering, 2))
+    out = out.reshape(batch, heads, padded, -1)[:, :, :length].movedim(1, 2).to(q.dtype)
+    return out, (state if output_final_state else None)
 
 
 def _next_power_of_two(n: int) -> int:

@@ -102,7 +102,7 @@ def mlstm_cell(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_preact: 
     # m_t = F_t + a_t, a_t = max(m_0, max_{s≤t} ĩ_s - F_s): float64, F and a grow with T.
     cumulative_forget = log_forget.to(book).cumsum(1)  # F [B, T, H]
     m0 = stabiliser.to(book).unsqueeze(1)  # [B, 1, H]
-    offset = torch.maximum(torch.cummax(input_preact.to(book) - cumulative_forget, dim=1).values, m0)  # a
+    offset = torch.maximum(_running_max(input_preact.to(book) - cumulative_forget), m0)  # a
     m = cumulative_forget + offset
     log_decay = torch.cat([m0, offset[:, :-1]], dim=1) - offset  # g_t = a_{t-1} - a_t ≤ 0
     key_weight = torch.exp(input_preact.to(book) - m) * k.shape[-1] ** -0.5  # exp(ĩ_t - m_t) / √D
@@ -113,6 +113,17 @@ def mlstm_cell(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_preact: 
                                              output_final_state=True, chunk_size=chunk_size)
     m = m.to(acc)
     return _normalise(o, m), (kernel_state[..., :-1], kernel_state[..., -1], m[:, -1])
+
+
+def _running_max(x: torch.Tensor) -> torch.Tensor:
+    """``max_{s≤t} x_s`` along the time axis of ``x [B, T, H]``. The ONNX exporter has no
+    ``cummax``: while exporting, the maximum over a ``[B, T, T, H]`` copy with the future masked
+    to ``-inf`` (``O(T²)`` memory, the same values)."""
+    if not torch.compiler.is_exporting():
+        return torch.cummax(x, dim=1).values
+    length = x.shape[1]
+    future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1).unsqueeze(-1)  # s > t
+    return x.unsqueeze(1).masked_fill(future, float("-inf")).amax(2)
 
 
 def mlstm_cell_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, input_preact_t: torch.Tensor,

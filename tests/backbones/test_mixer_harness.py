@@ -120,15 +120,9 @@ class _Forward(torch.nn.Module):
         return self.mixer(x)[0]
 
 
-# The chunked GLA kernel writes into views inside its autograd Function, which the ONNX
-# exporter cannot convert yet: the mixers built on it export their one-token step (above) but
-# not yet their whole-sequence forward. Strict: the day it becomes exportable, this list shrinks.
-NOT_YET_ONNX_EXPORTABLE = {"gla", "retnet", "mamba2", "hgrn2", "rwkv6", "mlstm", "lightnet"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="chunk kernel not ONNX-exportable yet"))
-    if n in NOT_YET_ONNX_EXPORTABLE else n for n in MIXERS])
+# While exporting, the kernels hand over to their out-of-place forms (``gla_chunk_reference``, the
+# masked running maximum of mLSTM's stabiliser): every mixer's whole-sequence forward exports.
+@pytest.mark.parametrize("name", MIXERS)
 def test_forward_exports_to_onnx(name, tmp_path):
     from seqapps.export import export_onnx
 

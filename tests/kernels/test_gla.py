@@ -18,7 +18,7 @@ from kernel_harness import assert_matches, rel_rms, run_with_grads
 
 from seqapps.errors import InputError
 from seqapps.kernels.gla import gated_linear_attention, gla_recurrent
-from seqapps.kernels.gla_chunk import gla_chunk
+from seqapps.kernels.gla_chunk import gla_chunk, gla_chunk_reference
 
 # Measured worst relative RMS errors over these cases and 3 seeds: 1e-6 in float32 (d_g; 4e-7 for
 # the rest), 2e-4 in bfloat16 (both backends accumulate in float32 and round the outputs and
@@ -64,6 +64,21 @@ def test_chunk_matches_recurrent(shape, gate, dtype):
     inputs = make_inputs(*dims, gate=gate, dtype=dtype, with_state=with_state)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert_matches(lambda **kw: gated_linear_attention(**kw, chunk_size=chunk_size), inputs, "chunk", tol)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_out_of_place_chunk_form_matches_recurrent(shape, gate):
+    """``gla_chunk_reference``: what the exporters trace, gradients included (autograd through it)."""
+    *dims, chunk_size, with_state = shape
+    inputs = make_inputs(*dims, gate=gate, with_state=with_state)
+
+    def op(backend, q, k, v, g, initial_state, output_final_state):
+        if backend == "recurrent":
+            return gated_linear_attention(q, k, v, g, None, initial_state, output_final_state, backend="recurrent")
+        return gla_chunk_reference(q, k, v, g, k.shape[-1] ** -0.5, initial_state, output_final_state, chunk_size)
+
+    assert_matches(op, inputs, "chunk_reference", FP32_TOL)
 
 
 @pytest.mark.parametrize("gate", GATES)
