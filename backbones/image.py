@@ -74,6 +74,14 @@ class PatchEmbed(nn.Module):
                              f"{self.img_size[1]}], got {list(x.shape)}")
         return self.proj(x).permute(0, 2, 3, 1)
 
+    def column(self, x_t: torch.Tensor) -> torch.Tensor:
+        """One column of patches: ``[B, in_chans, H, patch_size] -> [B, H / p, embed_dim]``."""
+        want = [self.in_chans, self.img_size[0], self.patch_size]
+        if x_t.ndim != 4 or list(x_t.shape[1:]) != want:
+            raise InputError(f"expected one column of patches of shape [batch, {', '.join(map(str, want))}], "
+                             f"got {list(x_t.shape)}")
+        return self.proj(x_t).squeeze(-1).transpose(1, 2)
+
 
 class ImageBackbone(nn.Module):
     """Patch embedding, a stack of mixer blocks over the patch grid, pooling and a head.
@@ -92,6 +100,13 @@ class ImageBackbone(nn.Module):
 
     ``forward_features(x [B, in_chans, H, W]) -> [B, h, w, embed_dim]`` (NHWC);
     ``forward_head(features, pre_logits=False) -> [B, num_classes]``.
+
+    Streaming (when :attr:`streams`: every layer grid-native with ``scan="native"``, causal along
+    the width): ``step(x_t [B, in_chans, H, patch_size], state) -> (logits [B, num_classes], state)``
+    takes the image one column of patches at a time (a scanner's lines, a spectrogram's frames)
+    and returns the logits of the columns seen so far; after the last one they are ``forward``'s.
+    ``init_state(batch_size)`` is the stack's state, the columns consumed ``[B]`` and the running
+    pool ``[B, embed_dim]``; :meth:`image_columns` cuts images into the columns ``step`` takes.
     """
 
     output_fmt = "NHWC"
@@ -115,8 +130,10 @@ class ImageBackbone(nn.Module):
         self.scan = self._resolve_scan(scan, layer_mixers(mixer, depth))
         wrap = None if self.scan == "native" else partial(
             GridScan, orders=self.scan, directions=directions, merge=merge, grid=grid, shared=shared_scan_weights)
+        # grid-native mixers stream along the width; each learns the column's height by its own name
+        column = {"column_shape": (grid[0],), "num_variates": grid[0]} if self.scan == "native" else None
         self.stack = SequenceStack(embed_dim, depth, mixer, mixer_kwargs, norm=norm, ffn=ffn, mlp_ratio=mlp_ratio,
-                                   drop_path=drop_path_rate, wrap_mixer=wrap)
+                                   drop_path=drop_path_rate, wrap_mixer=wrap, mixer_context=column)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.pos_embed is not None:
@@ -187,6 +204,58 @@ class ImageBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # -- streaming, one column of patches at a time
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`step` works: every layer takes the grid natively and has a ``step``
+        (LightNet, Chimera with ``scan="native"``); a scanned grid is mixed whole."""
+        return self.scan == "native" and all(hasattr(block.mixer, "step") for block in self.stack.blocks)
+
+    def _check_streams(self) -> None:
+        if not self.streams:
+            raise InputError(f"this image backbone mixes the whole grid (scan={list(self.scan)}) and cannot stream "
+                             "column by column; build it with grid-native mixers (lightnet, chimera) and scan=native")
+
+    def image_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, in_chans, H, W]`` -> their columns of patches ``[B, W / p, in_chans, H, p]``,
+        in the order :meth:`step` takes them."""
+        p = self.patch_embed.patch_size
+        return x.unflatten(3, (-1, p)).permute(0, 3, 1, 2, 4)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, ...]:
+        """``(*stack state, columns consumed [B], running pool [B, embed_dim])`` (no pool for
+        ``global_pool=""``)."""
+        self._check_streams()
+        state = (*self.stack.init_state(batch_size, device=device, dtype=dtype),
+                 torch.zeros(batch_size, device=device, dtype=torch.float32))
+        if self.global_pool == "avg":
+            return state + (torch.zeros(batch_size, self.embed_dim, device=device, dtype=torch.float32),)
+        if self.global_pool == "max":
+            return state + (torch.full((batch_size, self.embed_dim), float("-inf"), device=device,
+                                       dtype=torch.float32),)
+        return state
+
+    def step(self, x_t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One column of patches ``x_t [B, in_chans, H, patch_size]`` -> ``(logits [B, num_classes]``
+        of the columns seen so far (``[B, h, num_classes]`` of this column for ``global_pool=""``),
+        ``state)``. At most ``W / patch_size`` columns: the learned positions end there."""
+        self._check_streams()
+        pooled = 1 if self.global_pool else 0
+        n_stack = len(state) - 1 - pooled
+        stack_state, seen = tuple(state[:n_stack]), state[n_stack]
+        x = self.patch_embed.column(x_t)  # [B, h, C]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[0].transpose(0, 1)[seen.long()]  # the column's positions, [B, h, C]
+        y, stack_state = self.stack.step(x, stack_state)
+        if not pooled:
+            return self.head(self.head_drop(y)), (*stack_state, seen + 1)
+        if self.global_pool == "avg":
+            pool = state[-1] + y.sum(1)
+            features = pool / ((seen + 1) * y.shape[1]).unsqueeze(-1)
+        else:
+            pool = features = torch.maximum(state[-1], y.amax(1))
+        return self.head(self.head_drop(features.to(y.dtype))), (*stack_state, seen + 1, pool)
 
 
 # -- loading our own weights through timm

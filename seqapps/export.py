@@ -1,5 +1,10 @@
 """``seqapps export``: a checkpoint -> a self-contained export folder.
 
+A recurrent model (one with ``step`` and ``init_state``: a stack of streaming mixers, an image
+backbone that takes its image column by column) also gets ``step.onnx``: one ``step`` with the
+state as explicit inputs and outputs, checked with onnxruntime against PyTorch over a whole
+example sequence, step after step.
+
 The folder is written under a temporary name and renamed into place when complete, so a
 failed export (an ONNX graph that disagrees with PyTorch, say) leaves nothing half-written.
 """
@@ -26,9 +31,10 @@ from seqapps.runs import load_module
 def export_checkpoint(ckpt: str | Path, out: str | Path, tolerance: float = 1e-4,
                       metrics: dict | None = None) -> dict:
     """Write ``config.yaml``, ``model.safetensors``, ``model.onnx`` (checked against PyTorch
-    with onnxruntime) and ``README.md`` for ``ckpt`` into the folder ``out``.
+    with onnxruntime), for a recurrent model ``step.onnx`` (see :func:`export_step_onnx`), and
+    ``README.md`` for ``ckpt`` into the folder ``out``.
 
-    Returns a summary: the folder, the largest ONNX difference, the parameter count.
+    Returns a summary: the folder, the largest ONNX difference (of both files), the parameter count.
     """
     module = load_module(ckpt)
     model = module.export_module().eval()
@@ -44,6 +50,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, tolerance: float = 1e-4
         if not max_diff <= tolerance:
             raise InputError(f"ONNX export disagrees with PyTorch: largest difference {max_diff:.3g} "
                              f"> tolerance {tolerance:g}; nothing was written")
+        step = None
+        tokens = step_tokens(module, model, inputs)
+        if tokens is not None:
+            step = export_step_onnx(model, tokens, tmp / "step.onnx", f"{input_names[0]}_t", f"{output_names[0]}_t")
+            if not step["onnx_max_abs_diff"] <= tolerance:
+                raise InputError(f"ONNX export of step disagrees with PyTorch over {step['steps_checked']} steps: "
+                                 f"largest difference {step['onnx_max_abs_diff']:.3g} > tolerance {tolerance:g}; "
+                                 "nothing was written")
         n_params = sum(p.numel() for p in model.parameters())
         config = {
             "seqapps_version": seqapps.__version__,
@@ -54,6 +68,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, tolerance: float = 1e-4
             "outputs": output_names,
             "parameters": n_params,
             "onnx_max_abs_diff": max_diff,
+            **({"step": step} if step else {}),
             "checkpoint": str(Path(ckpt).resolve()),
             "metrics": metrics or {},
         }
@@ -63,13 +78,27 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, tolerance: float = 1e-4
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"folder": str(out), "onnx_max_abs_diff": max_diff, "parameters": n_params}
+    if step:
+        max_diff = max(max_diff, step["onnx_max_abs_diff"])
+    return {"folder": str(out), "onnx_max_abs_diff": max_diff, "parameters": n_params, "step": step is not None}
 
 
 def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
                 input_names: list[str], output_names: list[str]) -> float:
     """Export with a dynamic batch dimension; return the largest |onnxruntime - PyTorch| on
     inputs of another batch size than the traced one."""
+    session = _to_onnx(model, inputs, path, input_names, output_names)
+    check = tuple(torch.cat([t, t[:1] * 0.5]) for t in inputs)  # batch size + 1
+    with torch.no_grad():
+        expected = model(*check)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    got = session.run(None, {n: t.numpy() for n, t in zip(input_names, check)})
+    return max_abs_diff(got, expected)
+
+
+def _to_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+             output_names: list[str]):
+    """``torch.onnx.export`` (dynamo) with a dynamic batch dimension; an onnxruntime session of it."""
     import onnxruntime as ort
 
     dynamic = batch_dynamic_shapes(model, len(inputs))
@@ -78,13 +107,66 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: 
         torch.onnx.export(model, inputs, str(path), input_names=input_names,
                           output_names=output_names, dynamo=True, dynamic_shapes=dynamic,
                           external_data=False, verbose=False)
-    check = tuple(torch.cat([t, t[:1] * 0.5]) for t in inputs)  # batch size + 1
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def max_abs_diff(got, expected) -> float:
+    """The largest ``|got - expected|`` over pairs of arrays/tensors; equal infinities (an
+    empty running maximum, a log-normaliser before any token) count as equal."""
+    worst = 0.0
+    for g, e in zip(got, expected):
+        e = e.detach().numpy() if isinstance(e, torch.Tensor) else np.asarray(e)
+        g = np.asarray(g)
+        worst = max(worst, float(np.max(np.abs(np.where(g == e, 0.0, g - e)), initial=0.0)))
+    return worst
+
+
+def step_tokens(module, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The example input as the sequence of pieces ``model.step`` takes, ``[B, T, ...]``, or
+    ``None`` when the model is not recurrent. The task says it with ``example_step_inputs()``
+    (``None``: no step); otherwise a model with ``step`` and ``init_state`` (and not
+    ``streams = False``) steps through its first input along dim 1 (``[B, T, C] -> x_t [B, C]``)."""
+    hook = getattr(module, "example_step_inputs", None)
+    if callable(hook):
+        return hook()
+    recurrent = callable(getattr(model, "step", None)) and callable(getattr(model, "init_state", None))
+    if not recurrent or not getattr(model, "streams", True) or inputs[0].ndim < 3:
+        return None
+    return inputs[0]
+
+
+def export_step_onnx(model: torch.nn.Module, tokens: torch.Tensor, path: Path, input_name: str = "x_t",
+                     output_name: str = "y_t", max_steps: int = 16) -> dict:
+    """Write ``model.step`` as ONNX: ``(x_t, state_0 .. state_{n-1}) -> (y_t, next_state_0 ..
+    next_state_{n-1})`` with a dynamic batch (the state from ``model.init_state(batch)``), and
+    check it with onnxruntime against PyTorch: both run ``tokens [B, T, ...]`` (and one more
+    sample, so another batch size than the traced one) step by step from the initial state,
+    each feeding its own state back; every output and state is compared at every step (the
+    first ``max_steps`` steps).
+
+    Returns what ``config.yaml`` records: the input and output names and shapes, the steps
+    checked, the largest difference.
+    """
+    from seqapps.backbones.streaming import StepModule
+
+    wrapper = StepModule(model).eval()
+    state = tuple(model.init_state(tokens.shape[0]))
+    input_names = [input_name, *(f"state_{i}" for i in range(len(state)))]
+    output_names = [output_name, *(f"next_state_{i}" for i in range(len(state)))]
+    session = _to_onnx(wrapper, (tokens[:, 0], *state), path, input_names, output_names)
+
+    check = torch.cat([tokens, tokens[:1] * 0.5])  # batch size + 1
+    torch_state = ort_state = tuple(model.init_state(check.shape[0]))
+    steps, worst = min(check.shape[1], max_steps), 0.0
     with torch.no_grad():
-        expected = model(*check)
-    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: t.numpy() for n, t in zip(input_names, check)})
-    return max(float(np.max(np.abs(g - e.numpy()))) for g, e in zip(got, expected))
+        for t in range(steps):
+            expected = wrapper(check[:, t], *torch_state)
+            got = session.run(None, {n: v.numpy() if isinstance(v, torch.Tensor) else v
+                                     for n, v in zip(input_names, (check[:, t], *ort_state))})
+            worst = max(worst, max_abs_diff(got, expected))
+            torch_state, ort_state = tuple(expected[1:]), tuple(got[1:])
+    shapes = {n: [None, *t.shape[1:]] for n, t in zip(input_names, (tokens[:, 0], *state))}
+    return {"inputs": shapes, "outputs": output_names, "steps_checked": steps, "onnx_max_abs_diff": worst}
 
 
 def batch_dynamic_shapes(model: torch.nn.Module, n_inputs: int) -> tuple:
@@ -111,6 +193,36 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(out)
+
+
+def step_card(step: dict | None) -> list[str]:
+    """The model card's section on ``step.onnx`` (none for a model that is not recurrent)."""
+    if not step:
+        return []
+    x_name, *state_names = step["inputs"]
+    y_name, *next_names = step["outputs"]
+    return [
+        "## Streaming: `step.onnx`",
+        "",
+        f"One step of the recurrent model, the state as explicit tensors: `({x_name}, {', '.join(state_names)})` "
+        f"-> `({y_name}, {', '.join(next_names)})`; feed `next_state_i` back as `state_i`. Memory is constant "
+        "in the length of the stream.",
+        "",
+        f"- Inputs: {step['inputs']} (`None`: the batch)",
+        "- The first state is `seqapps.load('this/folder').init_state(batch)` (zeros, and `-inf` where "
+        "a running maximum or log-normaliser starts), or the same arrays built in numpy from these shapes",
+        f"- Checked against PyTorch's `step` with onnxruntime over {step['steps_checked']} steps, each side "
+        f"feeding back its own state: largest difference {step['onnx_max_abs_diff']:.2e}",
+        "",
+        "```python",
+        "import onnxruntime as ort, seqapps",
+        "session = ort.InferenceSession('step.onnx')",
+        "state = [s.numpy() for s in seqapps.load('this/folder').init_state(batch)]",
+        "for x_t in pieces:                       # the input, one step at a time",
+        f"    y_t, *state = session.run(None, {{'{x_name}': x_t, **{{f'state_{{i}}': s for i, s in enumerate(state)}}}})",
+        "```",
+        "",
+    ]
 
 
 def model_card(config: dict) -> str:
@@ -143,6 +255,7 @@ def model_card(config: dict) -> str:
         "",
         "or with onnxruntime: `InferenceSession('model.onnx').run(None, {'history': x})`.",
         "",
+        *step_card(config.get("step")),
         "Model specification:",
         "",
         "```json",

@@ -1,7 +1,9 @@
 """Loading export folders in plain PyTorch: no Lightning, no Hydra.
 
 An export folder holds ``config.yaml`` (the model as a ``_target_`` spec, and what it needs
-to know of its data), ``model.safetensors``, ``model.onnx`` and a model card ``README.md``.
+to know of its data), ``model.safetensors``, ``model.onnx`` and a model card ``README.md``;
+the folder of a recurrent model also holds ``step.onnx``, one ``step`` with the state as
+explicit inputs and outputs (its first state: ``load(folder).init_state(batch)``).
 """
 
 from __future__ import annotations

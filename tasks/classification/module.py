@@ -28,6 +28,18 @@ class Standardised(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
+    # -- streaming, when the net streams (an image backbone column by column)
+    @property
+    def streams(self) -> bool:
+        return bool(getattr(self.net, "streams", False))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, ...]:
+        return self.net.init_state(batch_size, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One raw piece ``x_t`` (a column of patches ``[B, C, H, p]`` for an image backbone)."""
+        return self.net.step((x_t - self.mean) / self.std, state)
+
 
 class ClassifyModule(SeqappsModule):
     """Train ``net: x -> logits [B, num_classes]`` with cross-entropy (label smoothing optional)."""
@@ -75,6 +87,13 @@ class ClassifyModule(SeqappsModule):
 
     def io_names(self) -> tuple[list[str], list[str]]:
         return ["images"], ["logits"]
+
+    def example_step_inputs(self) -> torch.Tensor | None:
+        """The example images as the pieces ``step`` takes, ``[B, n, ...]`` (columns of patches),
+        or ``None`` when the net does not stream (``step.onnx`` is written only when it does)."""
+        if not getattr(self.net, "streams", False):
+            return None
+        return self.net.image_columns(self.example_inputs()[0])
 
     # -- plots
     @torch.no_grad()

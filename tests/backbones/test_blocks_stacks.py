@@ -242,3 +242,28 @@ def test_rwkv6_layers_get_the_papers_depth_dependent_initialisation():
     last = image.stack.blocks[1].mixer.paths[0]
     torch.testing.assert_close(last.decay_bias.detach(),
                                build_mixer("rwkv6", DIM, layer_idx=1, num_layers=2).decay_bias.detach())
+
+
+@pytest.mark.parametrize("mixer", ["lightnet", "chimera", ("lightnet", "chimera")], ids=str)
+@pytest.mark.parametrize("pool", ["avg", "max", ""])
+def test_native_image_backbone_streams_column_by_column(mixer, pool):
+    """Grid-native layers learn the column height from the stack's mixer_context, so the image
+    backbone streams columns of patches; after the last column the logits are forward's."""
+    from seqapps.backbones.image import ImageBackbone
+
+    torch.manual_seed(0)
+    model = ImageBackbone(img_size=(8, 6), patch_size=2, in_chans=1, embed_dim=16, depth=2,
+                          mixer=list(mixer) if isinstance(mixer, tuple) else mixer, global_pool=pool).eval()
+    assert model.streams
+    images = torch.randn(3, 1, 8, 6)
+    columns = model.image_columns(images)
+    assert columns.shape == (3, 3, 1, 8, 2)
+    with torch.no_grad():
+        whole = model(images)
+        streamed, _ = run_steps(model, columns)
+    if pool:
+        torch.testing.assert_close(streamed[:, -1], whole, rtol=1e-4, atol=1e-5)
+    else:  # no pooling: the logits of each patch, column by column
+        torch.testing.assert_close(streamed.movedim(1, 2), whole, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"one column of patches of shape \[batch, 1, 8, 2\]"):
+        model.step(images, model.init_state(3))

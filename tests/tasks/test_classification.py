@@ -27,6 +27,8 @@ def test_digits_train_export_load(tmp_path):
     assert metrics["test/model/acc"] > 0.35
     assert (run / "plots" / "confusion_matrix.png").is_file()
     model = seqapps.load(run / "export")
+    # a grid scanned both ways is mixed whole: not recurrent, so no step.onnx (see tests/shell/test_export_step.py)
+    assert (run / "export" / "model.onnx").is_file() and not (run / "export" / "step.onnx").exists()
     assert model.seqapps_config["data"]["num_classes"] == 10
     dm = ImageDataModule(dataset="digits")
     dm.setup()
