@@ -24,7 +24,7 @@ class SeasonalNaive(nn.Module):
                              f"{x.shape[1]}; use data.seq_len >= the period")
         last_season = x[:, x.shape[1] - self.period:, x.shape[2] - self.n_out:]
         reps = -(-self.pred_len // self.period)
-        return last_season.repeat(1, reps, 1)[:, :self.pred_len]
+        return last_season.repeat(1, reps, 1)[:, :self.pred_len].contiguous()  # [B, pred_len, n_out]
 
 
 @torch.no_grad()

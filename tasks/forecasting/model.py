@@ -65,7 +65,7 @@ class ARNet(nn.Module):
         ``[B, n_forecasts, n_out]``."""
         if self.mixes_channels:
             return rows.unsqueeze(-1)
-        return rows.reshape(batch_size, self.n_out, self.n_forecasts).permute(0, 2, 1)
+        return rows.reshape(batch_size, self.n_out, self.n_forecasts).permute(0, 2, 1).contiguous()
 
     def target_rows(self, y: torch.Tensor) -> torch.Tensor:
         """``y [B, n_forecasts, n_out]`` laid out as the rows of :meth:`to_outputs`."""
