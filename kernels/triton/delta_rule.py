@@ -73,6 +73,25 @@ def _delta_step(state, k_t, v_t, beta_t, decay_t):
 
 
 @triton.jit
+def _value_block(i_v, i_bh, start, HAS_START: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr):
+    """All keys and value block ``i_v`` of a ``[K, V]`` state: key and value offsets and masks,
+    the block's offsets and mask in one state, and its start read from ``start [B·H, K, V]``
+    (initial state forward, final-state gradient backward; zeros when absent), fp32."""
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    mask_state = mask_k[:, None] & mask_v[None, :]
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    if HAS_START:
+        state = tl.load(start + i_bh * K * V + state_offs, mask=mask_state, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    return offs_k, offs_v, mask_k, mask_v, mask_state, state_offs, state
+
+
+@triton.jit
 def _delta_rule_fwd_kernel(q, k, v, beta, g, initial_state, o, final_state, checkpoints,
                            scale, T, n_chunks,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr,
@@ -83,17 +102,8 @@ def _delta_rule_fwd_kernel(q, k, v, beta, g, initial_state, o, final_state, chec
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < K
-    mask_v = offs_v < V
-    mask_state = mask_k[:, None] & mask_v[None, :]
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-
-    if HAS_INITIAL:
-        state = tl.load(initial_state + i_bh * K * V + state_offs, mask=mask_state, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+    offs_k, offs_v, mask_k, mask_v, mask_state, state_offs, state = _value_block(
+        i_v, i_bh, initial_state, HAS_INITIAL, K, V, BK, BV)
 
     # A while loop: the interpreter cannot take a runtime scalar as a range bound.
     c = 0
@@ -127,22 +137,13 @@ def _delta_rule_bwd_kernel(q, k, v, beta, g, checkpoints, d_o, d_final, scratch,
     n_v = tl.num_programs(0)
     i_b = i_bh // H
     i_h = i_bh % H
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < K
-    mask_v = offs_v < V
-    mask_state = mask_k[:, None] & mask_v[None, :]
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    offs_k, offs_v, mask_k, mask_v, mask_state, state_offs, d_state = _value_block(
+        i_v, i_bh, d_final, HAS_D_FINAL, K, V, BK, BV)
     # This program's scratch: `CHUNK` slots of a [BK, BV] state, dense (padding included).
     scratch_base = scratch + (i_bh * n_v + i_v) * CHUNK * BK * BV
     slot_offs = tl.arange(0, BK)[:, None] * BV + tl.arange(0, BV)[None, :]
     # Per value block partial sums of the gradients that reduce over V.
     parts_row0 = i_v.to(tl.int64) * B * T * H
-
-    if HAS_D_FINAL:
-        d_state = tl.load(d_final + i_bh * K * V + state_offs, mask=mask_state, other=0.0).to(tl.float32)
-    else:
-        d_state = tl.zeros([BK, BV], dtype=tl.float32)
 
     c = n_chunks - 1
     while c >= 0:

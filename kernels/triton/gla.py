@@ -104,6 +104,38 @@ def _dot(a, b, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a.to(DTYPE), b.to(DTYPE), input_precision=PRECISION)
 
 
+@triton.jit
+def _state_block(kb, vb, bh, start, HAS_START: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr):
+    """The ``[BK, BV]`` block ``(kb, vb)`` of a ``[K, V]`` state for the sequential state kernels:
+    its key and value offsets and masks, its offsets and mask inside one ``[K, V]`` slot, and its
+    starting value, read from ``start [B·H, K, V]`` when given (else zeros), in fp32."""
+    offs_k = kb * BK + tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    state_offs = offs_k[:, None] * V + offs_v[None, :]
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    if HAS_START:
+        S = tl.load(start + bh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return offs_k, offs_v, mask_k, mask_v, state_offs, state_mask, S
+
+
+@triton.jit
+def _stored_state(states, slot, vb, bh, n_chunks, K: tl.constexpr, V: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+    """All keys and value block ``vb`` of the chunk-boundary state ``slot`` of sequence ``bh`` in
+    ``states [B·H, n_chunks + 1, K, V]`` (fp32): the key and value offsets and masks, and the
+    ``[BK, BV]`` tile."""
+    offs_k = tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    tile = tl.load(states + (bh.to(tl.int64) * (n_chunks + 1) + slot) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                   mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+    return offs_k, offs_v, mask_k, mask_v, tile
+
+
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -132,19 +164,11 @@ def _forward_states_kernel(k, v, G, initial_state, states, T, T_pad, n_chunks, H
     """``states[bh, c]`` = the state entering chunk ``c``; slot ``n_chunks`` is the final state.
     Grid ``(K blocks, V blocks, B·H)``: the rows and columns of ``S`` evolve independently."""
     kb, vb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_k = kb * BK + tl.arange(0, BK)
-    offs_v = vb * BV + tl.arange(0, BV)
-    mask_k, mask_v = offs_k < K, offs_v < V
+    offs_k, offs_v, mask_k, mask_v, state_offs, state_mask, S = _state_block(
+        kb, vb, bh, initial_state, HAS_INITIAL, K, V, BK, BV)
     k, v = k + _head_start(bh, H, T, K), v + _head_start(bh, H, T, V)
     G = G + _head_start(bh, H, T_pad, K)
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    state_mask = mask_k[:, None] & mask_v[None, :]
     states = states + bh.to(tl.int64) * (n_chunks + 1) * K * V
-    if HAS_INITIAL:
-        S = tl.load(initial_state + bh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0)
-        S = S.to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
     # A while loop: the interpreter cannot take a runtime scalar as a range bound.
     c = 0
     while c < n_chunks:
@@ -167,16 +191,11 @@ def _forward_output_kernel(q, k, v, G, states, o, scale, T, T_pad, n_chunks, H,
     """``o`` for one chunk and one value block, all of ``K``. Grid ``(V blocks, n_chunks, B·H)``."""
     vb, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DTYPE = q.dtype.element_ty
-    offs_k = tl.arange(0, BK)
-    offs_v = vb * BV + tl.arange(0, BV)
-    mask_k, mask_v = offs_k < K, offs_v < V
+    offs_k, offs_v, mask_k, mask_v, H_in = _stored_state(states, c, vb, bh, n_chunks, K, V, BK, BV)
+    H_in = H_in.to(DTYPE)  # only ever a tl.dot operand: kept in the operand dtype (half the registers for bf16)
     q, k = q + _head_start(bh, H, T, K), k + _head_start(bh, H, T, K)
     v, o = v + _head_start(bh, H, T, V), o + _head_start(bh, H, T, V)
     G = G + _head_start(bh, H, T_pad, K)
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    # only ever a tl.dot operand: kept in the operand dtype (half the registers for bf16)
-    H_in = tl.load(states + (bh.to(tl.int64) * (n_chunks + 1) + c) * K * V + state_offs,
-                   mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(DTYPE)
     for ib in range(BT // BC):
         i0 = c * BT + ib * BC
         if i0 < T:
@@ -217,19 +236,11 @@ def _backward_states_kernel(q, do, G, d_final, d_states, scale, T, T_pad, n_chun
     """``d_states[bh, c]`` = gradient of the state entering chunk ``c`` (slot 0: the initial
     state, slot ``n_chunks``: the final state). Grid ``(K blocks, V blocks, B·H)``."""
     kb, vb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_k = kb * BK + tl.arange(0, BK)
-    offs_v = vb * BV + tl.arange(0, BV)
-    mask_k, mask_v = offs_k < K, offs_v < V
+    offs_k, offs_v, mask_k, mask_v, state_offs, state_mask, dS = _state_block(
+        kb, vb, bh, d_final, HAS_D_FINAL, K, V, BK, BV)
     q, do = q + _head_start(bh, H, T, K), do + _head_start(bh, H, T, V)
     G = G + _head_start(bh, H, T_pad, K)
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    state_mask = mask_k[:, None] & mask_v[None, :]
     d_states = d_states + bh.to(tl.int64) * (n_chunks + 1) * K * V
-    if HAS_D_FINAL:
-        dS = tl.load(d_final + bh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0)
-        dS = dS.to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
     c = n_chunks - 1
     while c >= 0:
         tl.store(d_states + (c + 1) * K * V + state_offs, dS, mask=state_mask)
@@ -252,15 +263,11 @@ def _backward_dv_kernel(q, k, G, do, d_states, dv, scale, T, T_pad, n_chunks, H,
     """``dv`` for one chunk and one value block, all of ``K``. Grid ``(V blocks, n_chunks, B·H)``."""
     vb, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DTYPE = q.dtype.element_ty
-    offs_k = tl.arange(0, BK)
-    offs_v = vb * BV + tl.arange(0, BV)
-    mask_k, mask_v = offs_k < K, offs_v < V
+    offs_k, offs_v, mask_k, mask_v, dH_out = _stored_state(d_states, c + 1, vb, bh, n_chunks, K, V, BK, BV)
+    dH_out = dH_out.to(DTYPE)  # a tl.dot operand
     q, k = q + _head_start(bh, H, T, K), k + _head_start(bh, H, T, K)
     do, dv = do + _head_start(bh, H, T, V), dv + _head_start(bh, H, T, V)
     G = G + _head_start(bh, H, T_pad, K)
-    state_offs = offs_k[:, None] * V + offs_v[None, :]
-    dH_out = tl.load(d_states + (bh.to(tl.int64) * (n_chunks + 1) + c + 1) * K * V + state_offs,
-                     mask=mask_k[:, None] & mask_v[None, :], other=0.0).to(DTYPE)   # a tl.dot operand
     G_last = _load_row(G, c * BT + BT - 1, H * K, offs_k, mask_k)
     for jb in range(BT // BC):
         j0 = c * BT + jb * BC

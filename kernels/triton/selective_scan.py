@@ -95,6 +95,28 @@ def _program_block(group_size, n_blocks, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _block_constants(A, Dskip, bias, start, b, D, N, offs_d, mask_d, offs_n, mask_n,
+                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_START: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What both kernels read once for their channel block: the state offsets ``[BD, BN]`` and
+    mask, ``A``, the Δ bias and ``D`` of the block (zeros when absent), and the starting state
+    (``start [B, D, N]``: h0 forward, dfinal backward; zeros when absent)."""
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_dn = offs_d[:, None] * N + offs_n[None, :]
+    A_blk = tl.load(A + offs_dn, mask=mask_dn, other=0.0).to(ACC)
+    bias_blk = tl.zeros([BLOCK_D], dtype=ACC)
+    if HAS_BIAS:
+        bias_blk = tl.load(bias + offs_d, mask=mask_d, other=0.0).to(ACC)
+    D_blk = tl.zeros([BLOCK_D], dtype=ACC)
+    if HAS_D:
+        D_blk = tl.load(Dskip + offs_d, mask=mask_d, other=0.0).to(ACC)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    if HAS_START:
+        h = tl.load(start + b * D * N + offs_dn, mask=mask_dn, other=0.0).to(ACC)
+    return mask_dn, offs_dn, A_blk, bias_blk, D_blk, h
+
+
+@triton.jit
 def _forward_kernel(u, delta, A, B, C, Dskip, z, bias, h0, y, final, checkpoints,
                     T, D, G, N, group_size, n_blocks, n_chunks,
                     DELTA_SOFTPLUS: tl.constexpr, NEGATIVE_EIGENVALUES: tl.constexpr,
@@ -105,17 +127,8 @@ def _forward_kernel(u, delta, A, B, C, Dskip, z, bias, h0, y, final, checkpoints
     ``h0, final [B, D, N]``; ``checkpoints [B, n_chunks, D, N]`` (state before each chunk)."""
     b, group, _, offs_d, mask_d, offs_n, mask_n = _program_block(group_size, n_blocks, N,
                                                                  BLOCK_D, BLOCK_N)
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    offs_dn = offs_d[:, None] * N + offs_n[None, :]
-    A_blk = tl.load(A + offs_dn, mask=mask_dn, other=0.0).to(ACC)
-    bias_blk = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_BIAS:
-        bias_blk = tl.load(bias + offs_d, mask=mask_d, other=0.0).to(ACC)
-    if HAS_D:
-        D_blk = tl.load(Dskip + offs_d, mask=mask_d, other=0.0).to(ACC)
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    if HAS_H0:
-        h = tl.load(h0 + b * D * N + offs_dn, mask=mask_dn, other=0.0).to(ACC)
+    mask_dn, offs_dn, A_blk, bias_blk, D_blk, h = _block_constants(
+        A, Dskip, bias, h0, b, D, N, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, HAS_H0, ACC, BLOCK_D, BLOCK_N)
     chunk = 0
     while chunk < n_chunks:
         if SAVE_CHECKPOINTS:
@@ -155,17 +168,8 @@ def _backward_kernel(u, delta, A, B, C, Dskip, z, bias, dy, dfinal, checkpoints,
     and ``dh0 [B, D, N]``."""
     b, group, block, offs_d, mask_d, offs_n, mask_n = _program_block(group_size, n_blocks, N,
                                                                      BLOCK_D, BLOCK_N)
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    offs_dn = offs_d[:, None] * N + offs_n[None, :]
-    A_blk = tl.load(A + offs_dn, mask=mask_dn, other=0.0).to(ACC)
-    bias_blk = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_BIAS:
-        bias_blk = tl.load(bias + offs_d, mask=mask_d, other=0.0).to(ACC)
-    if HAS_D:
-        D_blk = tl.load(Dskip + offs_d, mask=mask_d, other=0.0).to(ACC)
-    dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    if HAS_DFINAL:
-        dh = tl.load(dfinal + b * D * N + offs_dn, mask=mask_dn, other=0.0).to(ACC)
+    mask_dn, offs_dn, A_blk, bias_blk, D_blk, dh = _block_constants(
+        A, Dskip, bias, dfinal, b, D, N, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, HAS_DFINAL, ACC, BLOCK_D, BLOCK_N)
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
     dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
     chunk = n_chunks - 1

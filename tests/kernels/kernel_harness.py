@@ -3,8 +3,10 @@ gradients of every input (``initial_state`` included), by relative RMS error as 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
+import pytest
 import torch
 
 
@@ -42,3 +44,18 @@ def assert_matches(fn: Callable, inputs: dict, backend: str, tol: float, referen
     bad = {k: e for k, e in errors.items() if not e <= tol}
     assert not bad, f"{backend} vs {reference}: relative RMS errors above {tol}: {bad}"
     return errors
+
+
+def triton_test_device() -> str:
+    """Where a Triton test module runs, called at its import: ``"cuda"`` (the compiled kernels)
+    on a GPU with ``TRITON_INTERPRET=0``, else ``"cpu"`` under the interpreter (tests/conftest.py
+    sets ``TRITON_INTERPRET=1`` when there is no GPU driver). Skips the module where Triton is not
+    installed (torch's macOS and Windows wheels) or can run neither way."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if torch.cuda.is_available() and not interpreted:
+        return "cuda"
+    if not interpreted:
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
+                    allow_module_level=True)
+    return "cpu"

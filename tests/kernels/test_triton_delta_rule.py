@@ -4,25 +4,15 @@ there and ``TRITON_INTERPRET=0`` is set)."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_harness import assert_matches, rel_rms, triton_test_device
 
-pytest.importorskip("triton", reason="the triton backend needs the triton package")
+DEVICE = triton_test_device()
 
 from seqapps.kernels.delta_rule import delta_rule  # noqa: E402
 from seqapps.kernels.triton.delta_rule import delta_rule_triton  # noqa: E402
-from kernel_harness import assert_matches, rel_rms  # noqa: E402
-
-ON_GPU = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1"
-if not ON_GPU and os.environ["TRITON_INTERPRET"] != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
-                allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 FP32_TOL = 1e-5
 LOW_PRECISION_TOL = 2e-2

@@ -4,24 +4,14 @@ there and ``TRITON_INTERPRET=0`` is set)."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
+from kernel_harness import assert_matches, rel_rms, run_with_grads, triton_test_device
 
-pytest.importorskip("triton", reason="the triton backend needs the triton package")
+DEVICE = triton_test_device()
 
 from seqapps.kernels.selective_scan import selective_scan  # noqa: E402
 from seqapps.kernels.triton.selective_scan import selective_scan_triton  # noqa: E402
-from kernel_harness import assert_matches, rel_rms, run_with_grads  # noqa: E402
-
-ON_GPU = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1"
-if not ON_GPU and os.environ["TRITON_INTERPRET"] != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
-                allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-12
