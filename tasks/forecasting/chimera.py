@@ -172,7 +172,7 @@ class ChimeraForecaster(nn.Module):
             x, stats = self.revin.normalise(x)
         tokens = self.encoder(x)
         if self.encoder.layout == "grid":
-            y = self.head(tokens.flatten(2)).transpose(1, 2)[..., -self.n_out:]  # [B, V, P*D] -> [B, pred_len, n_out]
+            y = self.head(tokens.flatten(2)).transpose(1, 2)[..., -self.n_out:].contiguous()  # [B, V, P*D] -> [B, pred_len, n_out]
         else:
             y = self.head(tokens.flatten(1)).view(-1, self.pred_len, self.n_out)
         return y if stats is None else self.revin.denormalise(y, stats)
@@ -201,7 +201,7 @@ class ChimeraReconstructor(nn.Module):
         if self.revin is not None:
             x, stats = self.revin.normalise(x)
         tokens = self.encoder(x)  # [B, V, P, D]
-        recon = self.head(tokens).flatten(2)[..., -t:].transpose(1, 2)  # [B, P*patch, V] -> last T steps
+        recon = self.head(tokens).flatten(2)[..., -t:].transpose(1, 2).contiguous()  # [B, V, P*patch] -> [B, T, V], the last T steps
         return recon if stats is None else self.revin.denormalise(recon, stats)
 
     @torch.no_grad()

@@ -1,0 +1,149 @@
+"""Chimera as a time-series model: shapes of the forecaster, classifier and reconstructor, the
+cross-variate ablation, a few optimisation steps that lower the loss, configs that compose and
+train through the real `seqapps train` path on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqapps.backbones import SequenceStack
+from seqapps.config import compose
+from seqapps.errors import InputError
+from seqapps.tasks.classification.series import ChannelStandardised, SeriesClassifier
+from seqapps.tasks.forecasting.chimera import ChimeraForecaster, ChimeraReconstructor, chimera_stack
+from seqapps.train import run_train
+from conftest import write_tslib_csv
+
+SMALL = {"dim": 16, "depth": 1, "d_state": 4, "expand": 1}
+QUIET = ["callbacks=none", "export=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "logger.tensorboard=null"]
+
+
+def _forecaster(cross_variate=True, **kwargs):
+    torch.manual_seed(0)
+    return ChimeraForecaster(12, 4, 3, backbone={**SMALL, "cross_variate": cross_variate}, **kwargs)
+
+
+def test_forecaster_shapes_m_ms_patches_and_other_mixers():
+    x = torch.randn(2, 12, 3)
+    assert _forecaster()(x).shape == (2, 4, 3)
+    assert _forecaster(n_out=1)(x).shape == (2, 4, 1)
+    assert _forecaster(patch_len=5)(x).shape == (2, 4, 3)  # 12 steps -> 3 patches, left-padded
+    gla = SequenceStack(16, 1, mixer="gla")
+    assert ChimeraForecaster(12, 4, 3, backbone=gla)(x).shape == (2, 4, 3)  # channels layout
+    assert ChimeraForecaster(12, 4, 3, backbone=SequenceStack(16, 1, mixer="gla"), layout="grid")(x).shape == (2, 4, 3)
+    with pytest.raises(InputError, match=r"\[batch, 12, 3\]"):
+        _forecaster()(torch.randn(2, 10, 3))
+    with pytest.raises(InputError, match="n_out"):
+        ChimeraForecaster(12, 4, 3, n_out=2)
+
+
+def test_classifier_and_reconstructor_shapes():
+    x = torch.randn(5, 20, 4)
+    assert SeriesClassifier(4, 7, 20, backbone=SMALL)(x).shape == (5, 7)
+    assert SeriesClassifier(4, 7, 20, backbone=SequenceStack(16, 1, mixer="mamba"))(x).shape == (5, 7)
+    recon = ChimeraReconstructor(4, backbone=SMALL, patch_len=3)
+    assert recon(x).shape == (5, 20, 4) and recon.anomaly_score(x).shape == (5, 20)
+    model = ChannelStandardised(SeriesClassifier(4, 7, 20, backbone=SMALL).eval(), [1.0] * 4, [2.0] * 4)
+    x[0, 3, 1] = float("nan")  # a missing value becomes the channel mean, as in training
+    assert torch.isfinite(model(x)).all()
+
+
+def test_ablation_removes_exactly_the_cross_variate_path():
+    full, ablated = _forecaster(True).eval(), _forecaster(False).eval()
+    assert [n for n, _ in full.named_parameters()] == [n for n, _ in ablated.named_parameters()]
+    ablated.load_state_dict(full.state_dict())  # the same weights...
+    x = torch.randn(2, 12, 3)
+    changed = x.clone()
+    changed[:, :, 0] = torch.randn(2, 12)  # another variate's history (a new shape: RevIN undoes mere shifts)
+    with torch.no_grad():
+        assert not torch.allclose(full(x), ablated(x))  # ...but another model
+        # without the path, variate 2's forecast ignores variate 0; with it, it does not
+        assert torch.equal(ablated(changed)[..., 2], ablated(x)[..., 2])
+        assert (full(changed)[..., 2] - full(x)[..., 2]).abs().max() > 0  # small at initialisation (Mamba-sized steps)
+    layers = [m for m in ablated.modules() if type(m).__name__ == "Chimera"]
+    assert layers and not any(m.cross_variate for m in layers)
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    # classification: two classes of noisy sines, slow or fast, in one of the two variates
+    t = torch.arange(24.0)
+    labels = torch.arange(32) % 2
+    wave = torch.sin(t * torch.where(labels[:, None] == 0, 0.3, 1.2) + torch.rand(32, 1) * 6.28)
+    x = torch.stack([wave, torch.randn(32, 24)], -1) + 0.1 * torch.randn(32, 24, 2)
+    model = SeriesClassifier(2, 2, 24, backbone=SMALL, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0]
+    # forecasting: a noisy daily-like sine per variate
+    series = torch.sin(torch.arange(40.0)[:, None] / 3 + torch.arange(3.0)) + 0.05 * torch.randn(40, 3)
+    windows = series.unfold(0, 16, 1).permute(0, 2, 1)  # [25, 16, 3]
+    xs, ys = windows[:, :12], windows[:, 12:]
+    net = _forecaster()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(12):
+        loss = torch.nn.functional.mse_loss(net(xs), ys)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+
+
+@pytest.mark.parametrize("overrides", [
+    ["task=classify_series"],
+    ["task=classify_series", "backbone/mixer=gla"],
+    ["task=forecast_chimera"],
+    ["experiment=weather_chimera", "data.pred_len=720"],
+    ["experiment=series_chimera_japanesevowels"],
+    ["experiment=series_chimera_japanesevowels_nocross"],
+    ["experiment=series_chimera_basicmotions"],
+    ["experiment=series_chimera_basicmotions_nocross"],
+    ["experiment=series_chimera_gunpoint"],
+    ["experiment=series_chimera_italypowerdemand"],
+])
+def test_configs_compose(overrides):
+    cfg = compose("train", overrides)
+    if cfg.task_name == "forecast_chimera":
+        assert cfg.module.net._target_.endswith("ChimeraForecaster")
+        assert {"path", "seq_len", "pred_len", "features", "target"} <= set(cfg.data)
+    else:
+        assert cfg.module.net._target_.endswith("SeriesClassifier")
+    nocross = any(o.endswith("_nocross") for o in overrides)
+    if cfg.backbone.mixer.name == "chimera":
+        assert cfg.backbone.mixer.cross_variate is not nocross
+
+
+def test_train_classify_series_end_to_end(tmp_path):
+    pytest.importorskip("aeon")
+    cfg = compose("train", ["task=classify_series", "data.name=ItalyPowerDemand", "trainer.max_epochs=1",
+                            "backbone.dim=8", "backbone.depth=1", f"paths.runs={tmp_path}", *QUIET])
+    run_dir = run_train(cfg)
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert 0.0 <= metrics["test/model/acc"] <= 1.0
+
+
+def test_train_forecast_chimera_on_a_users_csv(tmp_path):
+    csv = write_tslib_csv(tmp_path / "my.csv", n=300)
+    cfg = compose("train", ["task=forecast_chimera", f"data.path={csv}", "data.seq_len=24", "data.pred_len=8",
+                            "trainer.max_epochs=1", "backbone.dim=8", "backbone.depth=1", "module.net.patch_len=4",
+                            f"paths.runs={tmp_path / 'runs'}", *QUIET])
+    run_dir = run_train(cfg)
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["test/model/mse"] > 0 and "test/seasonal_naive/mse" in metrics
+
+
+def test_default_backbone_is_two_chimera_blocks():
+    stack = chimera_stack()
+    assert stack.grid_native and stack.depth == 2 and set(stack.mixer_names) == {"chimera"}
