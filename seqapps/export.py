@@ -225,6 +225,15 @@ def step_card(step: dict | None) -> list[str]:
     ]
 
 
+def data_card(data: dict) -> list[str]:
+    """The card's data line from the facts the data module recorded: a forecaster's columns,
+    target and features, or a classifier's classes; whatever of them is there."""
+    facts = [f"{key.replace('_', ' ')} {', '.join(map(str, value)) if isinstance(value, list | tuple) else value}"
+             for key in ("columns", "class_names") if (value := data.get(key)) is not None]
+    facts += [f"{key} `{data[key]}`" for key in ("target", "features") if data.get(key) is not None]
+    return [f"- Data: {data.get('source', 'unknown')}" + (f" — {'; '.join(facts)}" if facts else "")]
+
+
 def model_card(config: dict) -> str:
     data, model = config["data"], config["model"]
     net = model.get("net", model)
@@ -232,10 +241,9 @@ def model_card(config: dict) -> str:
         f"# {net['_target_'].rsplit('.', 1)[-1]} — exported by seqapps {config['seqapps_version']}",
         "",
         f"- Model: `{model['_target_']}` ({config['parameters']:,} parameters)",
-        f"- Data: {data.get('source')} — columns {', '.join(map(str, data.get('columns', [])))}; "
-        f"target `{data.get('target')}`; features `{data.get('features')}`",
+        *data_card(data),
         f"- Input `{next(iter(config['inputs']))}`: {config['inputs']} (raw units; scaling is inside)",
-        f"- Output: {config['outputs']} — the next {data.get('pred_len')} steps",
+        f"- Output: {config['outputs']}" + (f" — the next {data['pred_len']} steps" if data.get("pred_len") else ""),
         f"- ONNX checked against PyTorch with onnxruntime: largest difference {config['onnx_max_abs_diff']:.2e}",
         "",
         "## Metrics (test split)",

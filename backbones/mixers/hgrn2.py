@@ -23,8 +23,8 @@ The lower bound ``β`` (``lower_bound``) is the paper's hierarchy: 0 in the firs
 with depth so that upper layers keep longer memories. In the paper the bounds of all layers come
 from one learnt table shared by the stack (a cumulative softmax over layers, ``l / L`` for
 layer ``l`` of ``L`` at initialisation); a mixer knows no stack, so here ``β`` is a fixed number
-per layer that the stack or the config sets (``lower_bound = layer_idx / num_layers`` reproduces
-the paper's initial schedule). With ``β = 0`` the key is ``σ(-z)`` and ``log f = logsigmoid(z)``.
+per layer: given explicitly, or, when left ``None``, ``layer_idx / num_layers`` from the stack
+(which passes every mixer its position), the paper's initial schedule. With ``β = 0`` the key is ``σ(-z)`` and ``log f = logsigmoid(z)``.
 
 State: ``(S [B, H, E, V])`` in float32 (float64 for float64).
 
@@ -58,13 +58,18 @@ class HGRN2(Mixer):
         expand_ratio: forget-gate (key) channels per head ``E``; the state of a head is ``E × V``.
         num_heads: heads ``H`` (default ``C / expand_ratio``, the paper's); must divide ``C``.
         lower_bound: ``β`` in ``[0, 1)``, the smallest forget gate (the paper's layer-dependent
-            bound: 0 for the first layer, larger for deeper ones).
+            bound: 0 for the first layer, larger for deeper ones); ``None``: ``layer_idx /
+            num_layers`` when the stack gives them, else 0.
+        layer_idx, num_layers: this layer's position in its stack (set by the stack).
         norm_eps: epsilon of the per-head output RMSNorm.
     """
 
-    def __init__(self, dim: int, expand_ratio: int = 8, num_heads: int | None = None, lower_bound: float = 0.0,
-                 norm_eps: float = 1e-5):
+    def __init__(self, dim: int, expand_ratio: int = 8, num_heads: int | None = None,
+                 lower_bound: float | None = None, norm_eps: float = 1e-5, layer_idx: int | None = None,
+                 num_layers: int | None = None):
         super().__init__(dim)
+        if lower_bound is None:
+            lower_bound = layer_idx / num_layers if layer_idx is not None and num_layers else 0.0
         if num_heads is None:
             if expand_ratio < 1 or dim % expand_ratio:
                 raise InputError(f"hgrn2: expand_ratio={expand_ratio} must divide dim={dim} "

@@ -244,6 +244,15 @@ def test_rwkv6_layers_get_the_papers_depth_dependent_initialisation():
                                build_mixer("rwkv6", DIM, layer_idx=1, num_layers=2).decay_bias.detach())
 
 
+def test_hgrn2_lower_bounds_grow_with_depth():
+    """HGRN-2's forget-gate lower bound: layer_idx / num_layers from the stack (the paper's
+    schedule at initialisation), unless given."""
+    stack = SequenceStack(DIM, depth=4, mixer={"name": "hgrn2"})
+    assert [block.mixer.lower_bound for block in stack.blocks] == [0.0, 0.25, 0.5, 0.75]
+    fixed = SequenceStack(DIM, depth=2, mixer={"name": "hgrn2", "lower_bound": 0.1})
+    assert [block.mixer.lower_bound for block in fixed.blocks] == [0.1, 0.1]
+
+
 @pytest.mark.parametrize("mixer", ["lightnet", "chimera", ("lightnet", "chimera")], ids=str)
 @pytest.mark.parametrize("pool", ["avg", "max", ""])
 def test_native_image_backbone_streams_column_by_column(mixer, pool):
