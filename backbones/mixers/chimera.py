@@ -17,7 +17,8 @@ the paper calls 2-D Mamba)::
 The 2-D SSM (see ``seqapps.kernels.scan2d``): per cell two states, ``h^time`` carried along time
 and ``h^var`` carried along the variates, each fed by the other through a coupling, with
 ZOH discretisation and a separate input-dependent step ``Δ`` per axis (``softplus`` of a
-low-rank projection, as Mamba's). ``A_time``, ``A_variate`` are S4D-real (``-(n + 1)``) decays;
+low-rank projection, as Mamba's; initialised in 1e-3..0.1 along time, as Mamba's, and in 0.1..1
+along the short variate axis, see ``dt_min_variate``). ``A_time``, ``A_variate`` are S4D-real (``-(n + 1)``) decays;
 the couplings start at half their size (``+(n + 1) / 2``), so each state's gain per step,
 ``Ā + Ā_cross = exp(ΔA) + (1 - exp(ΔA)) / 2``, starts at most 1.
 
@@ -73,13 +74,14 @@ class VariateDirection(nn.Module):
     ``transitions()`` -> ``(A_time, A_variate, A_time_from_variate, A_variate_from_time)``, each ``[E, N]``.
     """
 
-    def __init__(self, inner: int, d_state: int, dt_rank: int, dt_min: float, dt_max: float, tied_coupling: bool):
+    def __init__(self, inner: int, d_state: int, dt_rank: int, dt_range_time: tuple[float, float],
+                 dt_range_variate: tuple[float, float], tied_coupling: bool):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
         self.x_proj = nn.Linear(inner, 2 * dt_rank + 4 * d_state, bias=False)
         self.dt_proj_time = nn.Linear(dt_rank, inner, bias=True)
         self.dt_proj_variate = nn.Linear(dt_rank, inner, bias=True)
-        for proj in (self.dt_proj_time, self.dt_proj_variate):
+        for proj, (dt_min, dt_max) in ((self.dt_proj_time, dt_range_time), (self.dt_proj_variate, dt_range_variate)):
             nn.init.uniform_(proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
             with torch.no_grad():
                 proj.bias.copy_(step_size_bias(inner, dt_min, dt_max))
@@ -110,7 +112,14 @@ class Chimera(Mixer):
         d_conv: width of the causal depthwise convolution along time (default 4; at least 2).
         expand: inner width ``E = expand · C`` (default 2; ``E = 64`` at ``dim=32``).
         dt_rank: rank of each step-size projection; ``None`` = ``ceil(C / 16)``.
-        dt_min, dt_max: range of the initial step sizes of both axes (default 1e-3, 0.1).
+        dt_min, dt_max: range of the initial step sizes along time (default 1e-3, 0.1, as Mamba).
+        dt_min_variate, dt_max_variate: the same along the variates (default 0.1, 1). The variate
+            axis is short (a few to a few dozen rows) and every cross-variate path goes through it:
+            with Mamba's small steps there too, a row's state reaches the next row through the
+            coupling ``hold^v A_variate_from_time ≈ Δ^v (n + 1) / 2``, about 1e-2 (and the product
+            of two such factors, ~1e-4, in the output of a neighbouring variate), so the
+            cross-variate path starts switched off and barely trains; steps of 0.1..1 start it at
+            a coupling of about 0.05..0.5 and a memory of a few rows.
         bidirectional: run the 2-D SSM down and up the variates and sum (default, as the paper).
         cross_variate: let states cross between variates; ``False`` makes the variates independent.
         tied_coupling: one coupling for both directions between the two states (default; see
@@ -123,7 +132,8 @@ class Chimera(Mixer):
     grid_native = True
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, bidirectional: bool = True, cross_variate: bool = True,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_min_variate: float = 0.1, dt_max_variate: float = 1.0,
+                 bidirectional: bool = True, cross_variate: bool = True,
                  tied_coupling: bool = True, num_variates: int | None = None, bias: bool = False,
                  conv_bias: bool = True):
         super().__init__(dim)
@@ -139,7 +149,8 @@ class Chimera(Mixer):
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=bias)
         self.conv = ShortConvolution(self.d_inner, d_conv, activation=True, bias=conv_bias)
         self.directions = nn.ModuleList([
-            VariateDirection(self.d_inner, d_state, self.dt_rank, dt_min, dt_max, tied_coupling)
+            VariateDirection(self.d_inner, d_state, self.dt_rank, (dt_min, dt_max), (dt_min_variate, dt_max_variate),
+                             tied_coupling)
             for _ in range(2 if bidirectional else 1)])
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, dim, bias=bias)

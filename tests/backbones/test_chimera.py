@@ -120,6 +120,29 @@ def test_without_the_cross_variate_path_variates_are_independent():
     torch.testing.assert_close(y_alone, each_as_a_sequence, rtol=1e-5, atol=1e-6)
 
 
+def test_each_axis_has_its_own_initial_step_range_and_the_variate_one_opens_the_cross_path():
+    import torch.nn.functional as F
+
+    mixer = make()
+    for direction in mixer.directions:
+        dt_time = F.softplus(direction.dt_proj_time.bias)
+        dt_variate = F.softplus(direction.dt_proj_variate.bias)
+        assert 1e-3 * 0.99 <= dt_time.min() and dt_time.max() <= 0.1 * 1.01        # Mamba's range along time
+        assert 0.1 * 0.99 <= dt_variate.min() and dt_variate.max() <= 1.0 * 1.01   # larger along the variates
+    # what one variate's state passes to the next row (ZOH along the variates): hold^v * coupling
+    direction = mixer.directions[0]
+    A_variate, coupling = -torch.exp(direction.A_variate_log), direction.time_from_variate
+
+    def coupling_gain(dt_bias):
+        dt = F.softplus(dt_bias)[:, None]
+        return (torch.expm1(dt * A_variate) / A_variate * coupling).median()
+
+    narrow = make(dt_min_variate=1e-3, dt_max_variate=0.1).directions[0]
+    assert coupling_gain(direction.dt_proj_variate.bias) > 0.1 > 0.05 > coupling_gain(narrow.dt_proj_variate.bias)
+    with pytest.raises(InputError, match="dt_min"):
+        make(dt_min_variate=1.0, dt_max_variate=0.5)
+
+
 def test_untied_couplings_all_train_on_a_grid():
     mixer = make(tied_coupling=False).train()
     y, _ = mixer(grid())
