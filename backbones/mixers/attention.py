@@ -138,8 +138,10 @@ class Attention(Mixer):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, T, D]
         if state is None:
             keys, values, mask = k, v, self._fresh_mask(t, x.device)
-            key_cache, value_cache = self.init_state(b, x.device, x.dtype)[:2]
-            start = torch.zeros(b, device=x.device)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), self._share(keys), self._share(values),
+                                               attn_mask=mask, is_causal=mask is None and t > 1)
+            end = init_position_counter(b, x.device) + t
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, self.dim)), (*self._fresh_cache(k, v), end)
         else:
             key_cache, value_cache, _ = state
             keys = torch.cat([key_cache.to(k.dtype), k], dim=2)  # [B, H_kv, L + T, D]
@@ -150,6 +152,17 @@ class Attention(Mixer):
         y = self.o_proj(o.transpose(1, 2).reshape(b, t, self.dim))
         end = start + t
         return y, (self._write(key_cache, k, start, end), self._write(value_cache, v, start, end), end)
+
+    def _fresh_cache(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caches ``[B, H_kv, L, D]`` after a fresh sequence of ``k, v [B, H_kv, T, D]``: token
+        ``p`` in slot ``p mod L``. Without wrapping that is the keys padded with zeros (no gather
+        over the whole capacity: a plain forward with a large ``max_len`` stays cheap)."""
+        t = k.shape[2]
+        if t <= self.capacity:
+            return tuple(F.pad(x, [0, 0, 0, self.capacity - t]) for x in (k, v))
+        zeros = torch.zeros(k.shape[0], device=k.device)
+        caches = self.init_state(k.shape[0], k.device, k.dtype)[:2]
+        return tuple(self._write(cache, x, zeros, zeros + t) for cache, x in zip(caches, (k, v)))
 
     def _share(self, kv: torch.Tensor) -> torch.Tensor:
         """``[B, H_kv, S, D]`` -> ``[B, H, S, D]``: each key/value head serves its group of query heads."""
