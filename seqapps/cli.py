@@ -56,7 +56,7 @@ def _export(cfg):
     out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "export"
     summary = export_checkpoint(ckpt, out, tolerance=cfg.tolerance)
     print(f"exported {ckpt} -> {summary['folder']} ({summary['parameters']:,} parameters; "
-          f"ONNX vs PyTorch largest difference {summary['onnx_max_abs_diff']:.2e}"
+          f"ONNX vs PyTorch largest difference {summary['onnx_max_diff']:.2e}"
           f"{'; step.onnx for streaming' if summary.get('step') else ''})")
 
 

@@ -139,6 +139,6 @@ def run_train(cfg: DictConfig) -> Path:
         from seqapps.export import export_checkpoint
 
         summary = export_checkpoint(best, run_dir / "export", metrics=metrics)
-        print(f"export: {summary['folder']} (ONNX vs PyTorch: {summary['onnx_max_abs_diff']:.2e})")
+        print(f"export: {summary['folder']} (ONNX vs PyTorch: {summary['onnx_max_diff']:.2e})")
     print(f"run folder: {run_dir}")
     return run_dir

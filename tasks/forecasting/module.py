@@ -72,7 +72,7 @@ class ForecastModule(SeqappsModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_metrics.update(self.net(x), y)
+        self.val_metrics.update(self.net(x).contiguous(), y)  # torchmetrics views its inputs
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
@@ -115,7 +115,7 @@ class ForecastModule(SeqappsModule):
         x, y = batch
         mean, std = self._target_scale(y)
         for name, model in self.test_rows.items():
-            pred = model.to(x.device)(x)
+            pred = model.to(x.device)(x).contiguous()
             self.test_metrics[name].update(pred, y)
             self.test_metrics[f"{name}_orig"].update(pred * std + mean, y * std + mean)
 

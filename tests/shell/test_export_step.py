@@ -35,7 +35,7 @@ def test_step_onnx_streams_columns_like_pytorch(streaming_export):
     assert (folder / "model.onnx").is_file() and (folder / "step.onnx").is_file()
     config = yaml.safe_load((folder / "config.yaml").read_text())
     step_info = config["step"]
-    assert step_info["onnx_max_abs_diff"] <= 1e-4 and step_info["steps_checked"] == 4
+    assert step_info["onnx_max_diff"] <= 1e-4 and step_info["steps_checked"] == 4
     assert list(step_info["inputs"])[0] == "images_t" and step_info["inputs"]["images_t"] == [None, 1, 8, 2]
     card = (folder / "README.md").read_text()
     assert "step.onnx" in card and "next_state_0" in card
