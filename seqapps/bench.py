@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from seqapps.errors import InputError
 
-OPS = ("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block")
+OPS = ("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block", "lightnet_image")
 
 
 @dataclass
@@ -169,6 +169,21 @@ def matmul_gflops(device, dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / (ms / 1e3) / 1e9
 
 
+def lightnet_image_backbones(grid_side: int, embed_dim: int, device, dtype) -> dict:
+    """LightNet's claim (Qin et al., 2024): the image backbone of the digits recipes
+    (``digits_lightnet_single`` / ``digits_lightnet_4dir``: 2 blocks, width ``embed_dim``, one
+    channel, 2×2 patches) over a ``grid_side × grid_side`` patch grid, with LightNet's one
+    native additive scan (``native``) or as a 1-D mixer over four raster scans sharing its
+    weights (``scan4``); the same parameters."""
+    from seqapps.backbones.image import ImageBackbone
+
+    common = dict(img_size=2 * grid_side, patch_size=2, in_chans=1, num_classes=10, embed_dim=embed_dim,
+                  depth=2, mixer="lightnet")
+    torch.manual_seed(0)
+    return {"native": ImageBackbone(**common, scan="native").to(device, dtype),
+            "scan4": ImageBackbone(**common, scan="raster", directions=4, shared_scan_weights=True).to(device, dtype)}
+
+
 def _mamba_blocks(d_model: int, device, dtype):
     """mambapy's Mamba block and the same block with its scan replaced by seqapps' ``chunk``."""
     from mambapy.mamba import MambaBlock, MambaConfig
@@ -228,6 +243,8 @@ def _backends_for(op: str, backends, dev, fla: bool) -> list[str]:
         return ["sdpa"]
     if op == "mamba_block":
         return ["mambapy", "seqapps_chunk"]
+    if op == "lightnet_image":
+        return ["native", "scan4"]
     chosen = [b for b in backends if b != "triton" or dev.type == "cuda"]
     if fla and dev.type == "cuda" and op in ("gla", "gla_scalar"):
         chosen.append("fla")
@@ -240,6 +257,11 @@ def _measure(op, backend, T, mode, batch, heads, dim, dev, dt, warmup, repeats, 
             block = _mamba_blocks(mamba_d_model, dev, dt)[backend]
             x = torch.randn(batch, T, mamba_d_model, device=dev, dtype=dt, requires_grad=True)
             run = _runner(lambda x: block(x), {"x": x}, mode)
+        elif op == "lightnet_image":  # the largest square patch grid of at most T cells; batch 32 as the recipes
+            side = math.isqrt(T)
+            model = lightnet_image_backbones(side, 32, dev, dt)[backend]
+            images = torch.randn(32, 1, 2 * side, 2 * side, device=dev, dtype=dt, requires_grad=True)
+            run = _runner(lambda x: model(x), {"x": images}, mode)
         else:
             inputs = _inputs(op, batch, heads, dim, T, dev, dt)
             fn = _fla_fn(op) if backend == "fla" else _op_fn(op, backend)
@@ -307,6 +329,9 @@ def ratio_lines(cases: list[dict]) -> list[str]:
             lines.append(f"- {op} T={t}: chunk {ms[(op, 'recurrent', t)] / value:.0f}x faster than recurrent")
         if backend == "chunk" and ("sdpa", "sdpa", t) in ms:
             lines.append(f"- {op} T={t}: chunk takes {value / ms[('sdpa', 'sdpa', t)]:.2f}x the time of causal SDPA")
+        if backend == "native" and (op, "scan4", t) in ms:
+            lines.append(f"- LightNet image backbone, {t} patches: one native scan {ms[(op, 'scan4', t)] / value:.2f}x "
+                         "faster than four raster scans")
         if backend == "seqapps_chunk" and (op, "mambapy", t) in ms:
             lines.append(f"- Mamba block T={t}: seqapps chunk scan {ms[(op, 'mambapy', t)] / value:.2f}x faster "
                          "than mambapy's parallel scan")

@@ -10,7 +10,7 @@ from seqapps.bench import markdown, run_bench
 
 
 def test_run_bench_measures_each_case_and_tabulates():
-    result = run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block"),
+    result = run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block", "lightnet_image"),
                        backends=("recurrent", "chunk"), lengths=(16, 32), repeats=1, recurrent_max_len=16,
                        batch=1, heads=2, dim=8, mamba_d_model=16, log=lambda _: None)
     cases = {(c["op"], c["backend"], c["T"], c["mode"]): c for c in result["cases"]}
@@ -22,9 +22,12 @@ def test_run_bench_measures_each_case_and_tabulates():
     assert cases[("gla_scalar", "chunk", 32, "fwd_bwd")]["gflops"] > 0
     assert cases[("mamba_block", "mambapy", 16, "fwd_bwd")]["ms"] > 0
     assert cases[("mamba_block", "seqapps_chunk", 16, "fwd_bwd")]["ms"] > 0
+    assert cases[("lightnet_image", "native", 16, "fwd_bwd")]["ms"] > 0
+    assert cases[("lightnet_image", "scan4", 16, "fwd_bwd")]["ms"] > 0
     assert result["machine"]["matmul_gflops"] > 0
     table = markdown(result)
     assert "| gla | chunk |" in table and "faster than recurrent" in table and "Mamba block" in table
+    assert "one native scan" in table
 
 
 def test_bench_cli_writes_json_and_markdown(tmp_path):
