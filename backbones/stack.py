@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqapps.backbones.block import Block, MixerSpec, make_norm, mixer_name
-from seqapps.backbones.mixer import mixer_class
+from seqapps.backbones.mixer import available_mixers, mixer_class
 from seqapps.errors import InputError
 
 State = tuple[torch.Tensor, ...]
@@ -40,10 +40,11 @@ def layer_mixers(mixer: MixerSpec | Sequence[MixerSpec], depth: int) -> list[Mix
 
 
 def layer_kwargs(specs: Sequence[MixerSpec], mixer_kwargs: Mapping | None) -> list[dict[str, Any]]:
-    """Split ``mixer_kwargs`` into each layer's keyword arguments: an entry whose key is the name
-    of one of the stack's mixers and whose value is a mapping goes to that mixer only
-    (``{"gla": {"num_heads": 2}, "attention": {"window": 64}}``); every other entry goes to all."""
-    names = {mixer_name(s) for s in specs}
+    """Split ``mixer_kwargs`` into each layer's keyword arguments: an entry whose key names a
+    mixer (of this stack or any registered one) and whose value is a mapping goes to that mixer
+    only (``{"gla": {"num_heads": 2}, "chimera": {"d_state": 4}}``: a config may carry options
+    for a mixer it does not use at the moment); every other entry goes to all."""
+    names = {mixer_name(s) for s in specs} | set(available_mixers())
     options = dict(mixer_kwargs or {})
     per_name = {k: dict(v) for k, v in options.items() if k in names and isinstance(v, Mapping)}
     shared = {k: v for k, v in options.items() if k not in per_name}

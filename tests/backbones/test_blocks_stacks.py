@@ -244,6 +244,13 @@ def test_rwkv6_layers_get_the_papers_depth_dependent_initialisation():
                                build_mixer("rwkv6", DIM, layer_idx=1, num_layers=2).decay_bias.detach())
 
 
+def test_options_for_a_mixer_the_stack_does_not_use_are_left_out():
+    """A config may carry per-mixer options (``mixer_kwargs: {chimera: {...}}``) while another
+    mixer is chosen: they go to no layer instead of failing the build."""
+    stack = SequenceStack(DIM, depth=1, mixer="mamba", mixer_kwargs={"chimera": {"d_state": 4}, "mamba": {"d_state": 8}})
+    assert stack.blocks[0].mixer.d_state == 8
+
+
 def test_hgrn2_lower_bounds_grow_with_depth():
     """HGRN-2's forget-gate lower bound: layer_idx / num_layers from the stack (the paper's
     schedule at initialisation), unless given."""
