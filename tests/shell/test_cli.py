@@ -123,7 +123,7 @@ def _snapshot(folder):
     (["data.path=does/not/exist.csv"], "no file at"),
     (["data.path={csv}", "data.target=nope"], "column 'nope' is not in"),
     (["data.path={nan_csv}", "data.seq_len=8", "data.pred_len=4"], "missing values"),
-    (["data.path={csv}", "data.seq_len=300", "data.pred_len=200"], "longer than the"),
+    (["data.path={csv}", "data.seq_len=300", "data.pred_len=200"], "too short for data.seq_len=300"),
     (["trainer.max_epoch=5"], "unknown config option 'trainer.max_epoch'"),
     (["trainer.accelerator=bogus"], "cannot build lightning.Trainer"),
     (["task=nope"], "nope"),
