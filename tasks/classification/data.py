@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from seqapps.errors import InputError
-from seqapps.tasks.sampling import EpochSeededSampler
+from seqapps.tasks.splits import SplitsDataModule
 
 BUILTIN_DATASETS = ("digits",)
 
@@ -42,7 +41,7 @@ def split_indices(labels: np.ndarray, fractions=(0.7, 0.15, 0.15), seed: int = 0
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SplitsDataModule):
     """Args:
         path: an ``ImageFolder`` root; when ``None``, ``dataset`` (``digits``) is used.
         img_size: images are resized to ``img_size × img_size`` (folders only; digits are 8×8).
@@ -103,28 +102,10 @@ class ImageDataModule(L.LightningDataModule):
         self.splits = {s: _Standardised(d, self.mean, self.std) for s, d in folders.items()}
         self.source = f"ImageFolder '{root}'"
 
-    def setup(self, stage: str | None = None) -> None:
-        self.load()
-
     def info(self) -> dict:
         self.load()
         return {"source": self.source, "num_classes": len(self.class_names), "class_names": list(self.class_names),
                 "in_chans": self.in_chans, "img_size": self.img_size, "mean": self.mean, "std": self.std}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.load()
-        data = self.splits[split]
-        sampler = EpochSeededSampler(len(data), self.seed) if shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
 
 class _Standardised(Dataset):

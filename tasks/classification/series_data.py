@@ -35,14 +35,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from seqapps.errors import InputError
 from seqapps.tasks.classification.data import split_indices
-from seqapps.tasks.sampling import EpochSeededSampler
+from seqapps.tasks.splits import SplitsDataModule
 
 BUNDLED = ("JapaneseVowels", "BasicMotions", "GunPoint", "ItalyPowerDemand")
 PADDINGS = ("edge", "zero")
@@ -207,7 +206,7 @@ def find_split_files(folder: Path, name: str | None) -> tuple[Path, Path]:
     return train, test
 
 
-class SeriesDataModule(L.LightningDataModule):
+class SeriesDataModule(SplitsDataModule):
     """A UEA/UCR classification set: ``x [B, T, C]`` standardised per channel, ``y [B]``.
 
     Args:
@@ -274,9 +273,6 @@ class SeriesDataModule(L.LightningDataModule):
         self.source = f"{train.header.get('problemname', train_file.stem[:-6])} ({train_file.parent})"
         self._loaded = True
 
-    def setup(self, stage: str | None = None) -> None:
-        self.load()
-
     def info(self) -> dict:
         """What the model and an export need (plain types)."""
         self.load()
@@ -284,18 +280,3 @@ class SeriesDataModule(L.LightningDataModule):
                 "num_variates": self.num_channels, "seq_len": self.seq_len,
                 "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
                 "sizes": {k: len(v) for k, v in self.splits.items()}}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.load()
-        data = self.splits[split]
-        sampler = EpochSeededSampler(len(data), self.seed) if shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
