@@ -147,3 +147,39 @@ def test_train_forecast_chimera_on_a_users_csv(tmp_path):
 def test_default_backbone_is_two_chimera_blocks():
     stack = chimera_stack()
     assert stack.grid_native and stack.depth == 2 and set(stack.mixer_names) == {"chimera"}
+
+
+def _correlation_task(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [n, 16, 2]``: two unit-variance noise variates, the second ``±`` the first plus noise;
+    the class is the sign. Each variate alone is N(0, 1) white noise in both classes: only a
+    model that mixes the variates can tell them apart."""
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    first = torch.randn(n, 16, generator=generator)
+    sign = (2 * labels - 1).float()[:, None]
+    second = (sign * first + 0.3 * torch.randn(n, 16, generator=generator)) / 1.044
+    return torch.stack([first, second], -1), labels
+
+
+@pytest.mark.parametrize("cross_variate", [True, False])
+def test_only_the_cross_variate_path_solves_a_cross_variate_task(cross_variate):
+    """The 2-D scan's point, as a test that could fail: with the cross-variate path Chimera learns
+    a label that lives only in the relation between variates (1.00, 1.00, 1.00 over seeds 0-2);
+    without it the same model stays near chance (0.46, 0.53, 0.63: the pooling over variates
+    leaves it only a weak cue, the spread of the pooled features)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = SeriesClassifier(2, 2, 16, backbone={**SMALL, "cross_variate": cross_variate}, dropout=0.0)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        x, y = _correlation_task(64, generator)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    x, y = _correlation_task(512, generator)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(-1) == y).float().mean().item()
+    if cross_variate:
+        assert accuracy > 0.95, accuracy
+    else:
+        assert accuracy < 0.7, accuracy
