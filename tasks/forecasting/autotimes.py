@@ -52,6 +52,7 @@ from seqapps.tasks.forecasting.autotimes_data import TEMPLATE, cache_root
 from seqapps.tasks.forecasting.baselines import SeasonalNaive
 from seqapps.tasks.forecasting.metrics import forecast_metrics
 from seqapps.tasks.forecasting.module import ForecastModule
+from seqapps.tasks.forecasting.revin import lookback_stats
 
 LM_KINDS = ("hf", "stack", "identity")
 TINY_DEFAULTS = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256, "seed": 0}
@@ -355,8 +356,7 @@ class AutoTimes(nn.Module):
     def normalise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, T, C]`` -> ``(series [B*C, T], mean [B, 1, C], std [B, 1, C])``: each channel
         standardised by its own statistics over ``T``."""
-        mean = x.mean(1, keepdim=True).detach()
-        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5).detach()
+        mean, std = lookback_stats(x)
         z = (x - mean) / std
         return z.permute(0, 2, 1).reshape(-1, x.shape[1]), mean, std
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from seqapps.backbones.stack import SequenceStack
 from seqapps.errors import InputError
+from seqapps.tasks.forecasting.revin import RevIN
 
 LAYOUTS = ("auto", "grid", "channels")
 
@@ -114,27 +115,6 @@ class SeriesEncoder(nn.Module):
         return self.backbone(tokens.reshape(b * v, p, d))[0].view(b, v, p, d)
 
 
-class RevIN(nn.Module):
-    """Instance normalisation of each window by its own per-variate mean and std (Kim et al.,
-    2022, without the affine part): ``normalise(x [B, T, V])``, then ``denormalise(y [B, L, V'])``
-    with the statistics of the last ``V'`` variates."""
-
-    def __init__(self, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-
-    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        mean = x.mean(1, keepdim=True).detach()
-        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + self.eps).detach()
-        return (x - mean) / std, (mean, std)
-
-    @staticmethod
-    def denormalise(y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        mean, std = stats
-        n = y.shape[-1]
-        return y * std[..., -n:] + mean[..., -n:]
-
-
 class ChimeraForecaster(nn.Module):
     """Chimera for forecasting: ``x [B, seq_len, n_in] -> [B, pred_len, n_out]``.
 
@@ -169,13 +149,13 @@ class ChimeraForecaster(nn.Module):
                              f"got {list(x.shape)}")
         stats = None
         if self.revin is not None:
-            x, stats = self.revin.normalise(x)
+            x, stats = self.revin.normalize(x)
         tokens = self.encoder(x)
         if self.encoder.layout == "grid":
             y = self.head(tokens.flatten(2)).transpose(1, 2)[..., -self.n_out:].contiguous()  # [B, V, P*D] -> [B, pred_len, n_out]
         else:
             y = self.head(tokens.flatten(1)).view(-1, self.pred_len, self.n_out)
-        return y if stats is None else self.revin.denormalise(y, stats)
+        return y if stats is None else self.revin.denormalize(y, stats)
 
 
 class ChimeraReconstructor(nn.Module):
@@ -199,10 +179,10 @@ class ChimeraReconstructor(nn.Module):
         t = x.shape[1] if x.ndim == 3 else 0
         stats = None
         if self.revin is not None:
-            x, stats = self.revin.normalise(x)
+            x, stats = self.revin.normalize(x)
         tokens = self.encoder(x)  # [B, V, P, D]
         recon = self.head(tokens).flatten(2)[..., -t:].transpose(1, 2).contiguous()  # [B, V, P*patch] -> [B, T, V], the last T steps
-        return recon if stats is None else self.revin.denormalise(recon, stats)
+        return recon if stats is None else self.revin.denormalize(recon, stats)
 
     @torch.no_grad()
     def anomaly_score(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,39 +16,7 @@ import torch
 from torch import nn
 
 from seqapps.errors import InputError
-
-
-class RevIN(nn.Module):
-    """Reversible instance normalisation over time, per series and channel.
-
-    ``normalize(x [B, T, C])`` subtracts each series' lookback mean and divides by its standard
-    deviation (then an optional per-channel affine map); ``denormalize(y [B, H, C])`` undoes
-    both with the statistics of the last ``normalize``. A constant lookback has std 0: ``eps``
-    keeps the division finite and the forecast then comes back at the series' level.
-    """
-
-    def __init__(self, n_channels: int, affine: bool = True, eps: float = 1e-5):
-        super().__init__()
-        self.eps, self.affine = eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(n_channels))
-            self.bias = nn.Parameter(torch.zeros(n_channels))
-
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``x [B, T, C]`` -> ``(x_norm [B, T, C], (mean, std) [B, 1, C])``."""
-        mean = x.mean(dim=1, keepdim=True).detach()
-        std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + self.eps).detach()
-        x = (x - mean) / std
-        if self.affine:
-            x = x * self.weight + self.bias
-        return x, (mean, std)
-
-    def denormalize(self, y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``y [B, H, C]`` in the normalised space -> the series' own units."""
-        mean, std = stats
-        if self.affine:
-            y = (y - self.bias) / (self.weight + self.eps * self.eps)
-        return y * std + mean
+from seqapps.tasks.forecasting.revin import RevIN
 
 
 def patch_count(seq_len: int, patch_len: int, stride: int, pad_end: bool = True) -> int:
