@@ -9,8 +9,9 @@ from seqapps.tasks.sampling import EpochSeededSampler
 
 
 class SplitsDataModule(L.LightningDataModule):
-    """Subclasses implement ``load()``, which fills ``self.splits`` (``{"train", "val", "test"}`` ->
-    ``Dataset``) once, and set ``batch_size``, ``seed`` and ``num_workers``. The training loader
+    """Subclasses implement ``read()``, which fills ``self.splits`` (``{"train", "val", "test"}`` ->
+    ``Dataset``) and whatever else the data says of itself; ``load()`` runs it once. They set
+    ``batch_size``, ``seed`` and ``num_workers``. The training loader
     shuffles with an epoch-seeded order (a resumed run sees the same batches); the others keep
     the data order and the last, partial batch."""
 
@@ -19,8 +20,14 @@ class SplitsDataModule(L.LightningDataModule):
     seed: int
     num_workers: int
 
+    def read(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define read(), which fills self.splits")
+
     def load(self) -> None:
-        raise NotImplementedError
+        """``read()`` the data, the first time only."""
+        if not getattr(self, "_loaded", False):
+            self.read()
+            self._loaded = True
 
     def setup(self, stage: str | None = None) -> None:
         self.load()

@@ -54,11 +54,8 @@ class ImageDataModule(SplitsDataModule):
         self.save_hyperparameters()
         self.path, self.dataset, self.img_size, self.grayscale = path, dataset, img_size, grayscale
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self._loaded = False
 
-    def load(self) -> None:
-        if self._loaded:
-            return
+    def read(self) -> None:
         if self.path:
             self._load_folder(Path(self.path))
         elif self.dataset == "digits":
@@ -71,7 +68,6 @@ class ImageDataModule(SplitsDataModule):
         else:
             raise InputError(f"data.dataset='{self.dataset}' is not a bundled dataset; choose one of "
                              f"{', '.join(BUILTIN_DATASETS)} or give data.path=<an ImageFolder root>")
-        self._loaded = True
 
     def _load_folder(self, root: Path) -> None:
         from torchvision import datasets, transforms

@@ -224,11 +224,8 @@ class SeriesDataModule(SplitsDataModule):
         self.save_hyperparameters()
         self.name, self.path, self.val_fraction, self.pad = name, path, val_fraction, pad
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self._loaded = False
 
-    def load(self) -> None:
-        if self._loaded:
-            return
+    def read(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"data.val_fraction={self.val_fraction}: must be in [0, 1)")
         if self.path:
@@ -271,7 +268,6 @@ class SeriesDataModule(SplitsDataModule):
             self.splits["val"] = self.splits["test"] if self.val_fraction == 0 else self.splits["train"]
         self.num_channels = train.num_channels
         self.source = f"{train.header.get('problemname', train_file.stem[:-6])} ({train_file.parent})"
-        self._loaded = True
 
     def info(self) -> dict:
         """What the model and an export need (plain types)."""
