@@ -67,3 +67,18 @@ def trained_run(tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def fit_classifier(model: torch.nn.Module, batches, steps: int, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps of cross-entropy on ``batches()`` (a callable returning ``(x, labels)``,
+    a fresh or the same batch each time); the training losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        x, y = batches()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import timm
 import torch
+from conftest import fit_classifier
 from safetensors.torch import save_file
 
 from seqapps.backbones import GridScan, available_mixers, mixer_class
@@ -92,14 +93,7 @@ def test_a_few_gradient_steps_reduce_the_loss():
     torch.manual_seed(0)
     model = timm.create_model(f"seqapps_{MIXER}_tiny", **SMALL)
     x, y = images(8), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_classifier(model, lambda: (x, y), steps=6)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

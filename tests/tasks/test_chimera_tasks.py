@@ -15,7 +15,7 @@ from seqapps.errors import InputError
 from seqapps.tasks.classification.series import ChannelStandardised, SeriesClassifier
 from seqapps.tasks.forecasting.chimera import ChimeraForecaster, ChimeraReconstructor, chimera_stack
 from seqapps.train import run_train
-from conftest import write_tslib_csv
+from conftest import fit_classifier, write_tslib_csv
 
 SMALL = {"dim": 16, "depth": 1, "d_state": 4, "expand": 1}
 QUIET = ["callbacks=none", "export=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -76,14 +76,7 @@ def test_a_few_steps_lower_the_loss():
     wave = torch.sin(t * torch.where(labels[:, None] == 0, 0.3, 1.2) + torch.rand(32, 1) * 6.28)
     x = torch.stack([wave, torch.randn(32, 24)], -1) + 0.1 * torch.randn(32, 24, 2)
     model = SeriesClassifier(2, 2, 24, backbone=SMALL, dropout=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_classifier(model, lambda: (x, labels), steps=20)
     assert losses[-1] < 0.75 * losses[0]
     # forecasting: a noisy daily-like sine per variate
     series = torch.sin(torch.arange(40.0)[:, None] / 3 + torch.arange(3.0)) + 0.05 * torch.randn(40, 3)
@@ -169,13 +162,7 @@ def test_only_the_cross_variate_path_solves_a_cross_variate_task(cross_variate):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = SeriesClassifier(2, 2, 16, backbone={**SMALL, "cross_variate": cross_variate}, dropout=0.0)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        x, y = _correlation_task(64, generator)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    fit_classifier(model, lambda: _correlation_task(64, generator), steps=150)
     x, y = _correlation_task(512, generator)
     with torch.no_grad():
         accuracy = (model(x).argmax(-1) == y).float().mean().item()
