@@ -19,10 +19,11 @@ The LM is pluggable (``lm`` spec, a plain mapping):
   (``AutoModelForCausalLM.from_pretrained``, nothing downloaded). ``path: null`` generates a
   *randomly initialised* tiny GPT-2 and a byte-level BPE tokenizer (options ``tiny``) under the
   cache folder — a stand-in that makes the task run anywhere, not a pretrained language model.
-* ``{kind: stack, stack: {dim, depth, mixer, ...}, seed}``: a seqapps :class:`SequenceStack`
+* ``{kind: stack, stack: {dim, depth, mixer, ...}, seed, weights}``: a seqapps :class:`SequenceStack`
   (any mixer) as the LM; a recurrent mixer forecasts with constant memory per step. Its text
   embedding is a byte embedding table run through the same stack. Random unless trained: use
-  ``module.freeze=full`` to train it with the rest.
+  ``module.freeze=full`` to train it with the rest, or ``weights: <a checkpoint of such a run>``
+  to load the LM trained there (its ``net.backbone.*`` tensors) and keep it frozen.
 * ``{kind: identity, width}``: no LM (the paper's "w/o LLM" ablation).
 
 Trainable parameters with ``module.freeze=frozen_backbone`` (the default): the segment
@@ -175,7 +176,7 @@ class StackLM(CausalLM):
     embedding table, then the stack.
     """
 
-    def __init__(self, stack: Mapping, seed: int = 0):
+    def __init__(self, stack: Mapping, seed: int = 0, weights: str | os.PathLike | None = None):
         super().__init__()
         from seqapps.backbones import SequenceStack
 
@@ -185,6 +186,23 @@ class StackLM(CausalLM):
             self.stack = SequenceStack(**stack)
             self.text_embedding = nn.Embedding(257, self.stack.dim)  # 256 bytes + end of text
         self.width = self.stack.dim
+        if weights:
+            self.load_trained(weights)
+
+    def load_trained(self, path: str | os.PathLike) -> None:
+        """The LM of a checkpoint written by an AutoTimes run that trained it (``net.backbone.*``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"lm.weights: no checkpoint at '{path}'; give the .ckpt of an AutoTimes run "
+                             "with lm.kind=stack and module.freeze=full")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        prefix = "net.backbone."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        mine = self.state_dict()
+        if set(own) != set(mine) or any(own[k].shape != mine[k].shape for k in mine):
+            raise InputError(f"lm.weights: '{path}' holds no stack LM of this shape (lm.stack must match the "
+                             "run that trained it, and that run must not have frozen it)")
+        self.load_state_dict(own)
 
     def forward(self, embeds: torch.Tensor, state=None, use_cache: bool = False):
         hidden, state = self.stack(embeds, state)
@@ -294,7 +312,7 @@ def build_lm(spec: Mapping, cache_dir: str | os.PathLike | None = None) -> Causa
     if kind == "stack":
         if not spec.get("stack"):
             raise InputError("lm.kind=stack needs lm.stack: the SequenceStack options (dim, depth, mixer, ...)")
-        return StackLM(spec["stack"], int(spec.get("seed", 0)))
+        return StackLM(spec["stack"], int(spec.get("seed", 0)), spec.get("weights"))
     if not spec.get("width"):
         raise InputError("lm.kind=identity needs lm.width: the token width (the LM's hidden size it replaces)")
     return IdentityLM(int(spec["width"]))
@@ -310,6 +328,9 @@ def lm_identity(spec: Mapping, cache_dir: str | os.PathLike | None = None) -> st
             build_lm(spec, cache_dir)  # raises the one-line error
         stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
         return json.dumps(["hf", str(path.resolve()), stamps])
+    if kind == "stack" and spec.get("weights") and Path(spec["weights"]).is_file():
+        stat = Path(spec["weights"]).stat()
+        spec["weights"] = [str(Path(spec["weights"]).resolve()), stat.st_size, stat.st_mtime_ns]
     return json.dumps([kind, spec], sort_keys=True, default=str)
 
 
@@ -337,13 +358,20 @@ class AutoTimes(nn.Module):
         context: ``grow`` (each forecast segment extends the context: KV cache or recurrent
             state) or ``slide`` (the context keeps its length, dropping the oldest segment, as
             the reference code's rolling test).
+        prompt_norm: how an in-context prompt is normalised: ``own`` (by its own statistics,
+            the lookback by its own) or ``joint`` (prompt and lookback together, one mean and
+            std for the whole input, as the reference code, which feeds the concatenation).
     """
 
     def __init__(self, lm: Mapping, token_len: int = 96, pred_len: int = 96, mlp_layers: int = 0,
-                 mlp_hidden: int = 256, dropout: float = 0.0, context: str = "grow"):
+                 mlp_hidden: int = 256, dropout: float = 0.0, context: str = "grow", prompt_norm: str = "own"):
         super().__init__()
         if context not in ("grow", "slide"):
             raise InputError(f"context='{context}': choose grow (KV cache / recurrent state) or slide")
+        if prompt_norm not in ("own", "joint"):
+            raise InputError(f"prompt_norm='{prompt_norm}': choose own (prompt and lookback each by their own "
+                             "statistics) or joint (one mean and std over both)")
+        self.prompt_norm = prompt_norm
         self.backbone = build_lm(lm)
         self.token_len, self.pred_len, self.context = int(token_len), int(pred_len), context
         width = self.backbone.width
@@ -396,8 +424,8 @@ class AutoTimes(nn.Module):
 
         ``pos [B, L/S, D]`` and ``future_pos [B, ceil(horizon/S), D]``: the segments' position
         embeddings (``None``: none). ``prompt [B, P*S, C]`` (with ``prompt_pos [B, P, D]``):
-        segments of another series, normalised by their own statistics and put before the
-        lookback (in-context forecasting).
+        segments put before the lookback (in-context forecasting), normalised by their own
+        statistics or, with ``prompt_norm=joint``, together with the lookback.
         """
         if x.ndim != 3:
             raise InputError(f"AutoTimes expects x of shape [batch, time, channels], got {list(x.shape)}")
@@ -407,10 +435,15 @@ class AutoTimes(nn.Module):
         if future_pos is not None and n_steps > 1 and future_pos.shape[1] < n_steps - 1:
             raise InputError(f"AutoTimes: future_pos has {future_pos.shape[1]} segments; a horizon of {horizon} "
                              f"needs {n_steps - 1} (the forecast segments fed back)")
-        series, mean, std = self.normalise(x)
-        tokens = self.tokens(series, pos, c)
-        if prompt is not None:
-            tokens = torch.cat([self.tokens(self.normalise(prompt)[0], prompt_pos, c), tokens], dim=1)
+        if prompt is not None and self.prompt_norm == "joint":
+            series, mean, std = self.normalise(torch.cat([prompt, x], dim=1))
+            tokens = self.tokens(series, None if pos is None or prompt_pos is None
+                                 else torch.cat([prompt_pos, pos], dim=1), c)
+        else:
+            series, mean, std = self.normalise(x)
+            tokens = self.tokens(series, pos, c)
+            if prompt is not None:
+                tokens = torch.cat([self.tokens(self.normalise(prompt)[0], prompt_pos, c), tokens], dim=1)
         limit = self.backbone.max_tokens
         if limit and self.context == "grow" and tokens.shape[1] + n_steps - 1 > limit:
             raise InputError(f"AutoTimes: {tokens.shape[1]} context + {n_steps - 1} forecast tokens exceed the "
@@ -470,7 +503,7 @@ class AutoTimesModule(ForecastModule):
         self.test_names = datamodule.test_loader_names()
         rows = [f"model_{n}" for n in self.test_names]
         if "seasonal_naive" in self.hparams.baselines and self.hparams.seasonal_period <= datamodule.seq_len:
-            rows += [f"seasonal_naive_{n}" for n in self.test_names if n != "in_context"]
+            rows += [f"seasonal_naive_{n}" for n in self.test_names if not n.startswith("in_context")]
         self.test_rows = {}
         self.coefficient_report = {}
         self.test_metrics = nn.ModuleDict({f"{r}{s}": forecast_metrics() for r in rows for s in ("", "_orig")}
@@ -481,7 +514,7 @@ class AutoTimesModule(ForecastModule):
         x, y, pos, future_pos, *prompt = batch
         pred = self.net(x, pos, future_pos, horizon=y.shape[1], prompt=prompt[0] if prompt else None,
                         prompt_pos=prompt[1] if prompt else None)[..., -y.shape[-1]:]  # MS: the target
-        transfer = name in ("zero_shot", "in_context")
+        transfer = name == "zero_shot" or name.startswith("in_context")
         preds = {f"model_{name}": pred}
         if f"seasonal_naive_{name}" in self.test_metrics:
             naive = SeasonalNaive(self.hparams.seasonal_period, y.shape[1], y.shape[-1])

@@ -14,7 +14,10 @@ train-fitted scaling and checks):
   runs during training;
 * ``transfer``: a held-out series (another CSV or bundled dataset) scored zero-shot and
   in-context, the prompt being ``prompt_segments`` segments of the same held-out series that
-  end ``prompt_gap`` rows before the lookback starts.
+  end ``prompt_gap`` rows before the lookback starts; its lookback is ``seq_len`` rows (default
+  ``data.seq_len``: the paper's in-context setup trains at a longer context than the lookback,
+  to leave room for the prompt); with ``control`` (another CSV or dataset), a third row scores
+  the same windows with a prompt of as many segments taken from that other source instead.
 
 Batches: train ``(x, y, pos)``; val/test ``(x, y, pos, future_pos)``; transfer ``(x, y, pos,
 future_pos, prompt, prompt_pos)``, with ``pos [B, seq_len / token_len, D]`` and ``future_pos
@@ -112,8 +115,9 @@ class RolloutDataset(Dataset):
     a prompt of that many segments ending ``prompt_gap`` rows before the lookback."""
 
     def __init__(self, data: torch.Tensor, table: torch.Tensor, seq_len: int, horizon: int, token_len: int,
-                 prompt_segments: int = 0, prompt_gap: int = 0):
+                 prompt_segments: int = 0, prompt_gap: int = 0, prompt_source: tuple | None = None):
         self.data, self.table = data, table
+        self.prompt_source = prompt_source  # (data [T', C], table): prompts from another series
         self.seq_len, self.horizon, self.token_len = seq_len, horizon, token_len
         self.prompt_len, self.prompt_gap = prompt_segments * token_len, prompt_gap
         self.offset = self.prompt_len + prompt_gap if prompt_segments else 0  # rows needed before x
@@ -129,8 +133,12 @@ class RolloutDataset(Dataset):
                 segment_positions(self.table, start, L // S, S),
                 segment_positions(self.table, start + L, n_future, S))
         if self.prompt_len:
-            p = i
-            item += (self.data[p:p + self.prompt_len], segment_positions(self.table, p, self.prompt_len // S, S))
+            data, table = self.prompt_source or (self.data, self.table)
+            p = i % (len(data) - self.prompt_len + 1)
+            prompt = data[p:p + self.prompt_len]
+            if prompt.shape[-1] != self.data.shape[-1]:  # another source: its series in turn, per channel
+                prompt = prompt[:, torch.arange(self.data.shape[-1]) % prompt.shape[-1]]
+            item += (prompt, segment_positions(table, p, self.prompt_len // S, S))
         return item
 
 
@@ -142,8 +150,10 @@ class AutoTimesDataModule(ForecastDataModule):
         horizons: the test horizons (those longer than the test split are left out, said so).
         timestamps: ``{lm: <LM spec>, pool: last | mean, template: ...}``; ``lm: null`` turns
             position embeddings off (the model then gets zeros).
-        transfer: ``{dataset | path, prompt_segments, prompt_gap}``: a held-out series scored
-            zero-shot and in-context at ``pred_len``; ``null``: none.
+        transfer: ``{dataset | path, prompt_segments, prompt_gap, seq_len, control}``: a
+            held-out series scored zero-shot and in-context at ``pred_len`` with a lookback of
+            ``seq_len`` rows (default ``data.seq_len``); ``control: {dataset | path}`` adds the
+            same windows with the prompt from that other source; ``null``: none.
         cache_dir: generated LMs and timestamp embeddings (default ``~/.cache/seqapps``).
     """
 
@@ -208,9 +218,9 @@ class AutoTimesDataModule(ForecastDataModule):
         table = self._table(dates, extra)
         return {n: table[s:e + extra] for n, (s, e) in rows.items()}
 
-    def _load_transfer(self) -> dict:
-        """The held-out series: its test split scaled by its own training rows, and its table."""
-        spec = self.transfer
+    def _held_out(self, spec: Mapping, seq_len: int, before: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """A held-out source's test split (and the ``before`` rows ahead of it), scaled by its
+        own training rows: ``(data [T, C], table [T + extra, D], source)``."""
         if spec.get("path"):
             frame, source = read_tslib_csv(spec["path"]), str(spec["path"])
         else:
@@ -223,7 +233,7 @@ class AutoTimesDataModule(ForecastDataModule):
         values = frame[columns].to_numpy(dtype=np.float64)
         from seqapps.tasks.forecasting.data import split_borders
 
-        starts, ends = split_borders(len(frame), self.seq_len, str(spec.get("path") or ""))
+        starts, ends = split_borders(len(frame), seq_len, str(spec.get("path") or ""))
         train = values[starts[0]:ends[0]]
         std = train.std(axis=0)
         if (std == 0).all():
@@ -233,19 +243,37 @@ class AutoTimesDataModule(ForecastDataModule):
                   f"{', '.join(c for c, s in zip(columns, std) if s == 0)} of {source}")
             values, train, std = values[:, std > 0], train[:, std > 0], std[std > 0]
         scaled = (values - train.mean(axis=0)) / std
-        prompt_segments = int(spec.get("prompt_segments", 2))
-        gap = int(spec.get("prompt_gap", 0))
-        # the test windows need their prompt: start the slice that many rows earlier
-        before = prompt_segments * self.token_len + gap
         s, e = max(0, starts[2] - before), ends[2]
         extra = -(-self.pred_len // self.token_len) * self.token_len
         table = self._table(frame["date"], extra)
-        need = before + self.seq_len + self.pred_len
-        if e - s < need:
-            raise InputError(f"transfer: the test split of {source} ({e - s} rows) is shorter than prompt + "
+        return torch.as_tensor(scaled[s:e], dtype=torch.float32), table[s:e + extra], source
+
+    def _load_transfer(self) -> dict:
+        """The held-out series (and the control prompts' source): test splits and tables."""
+        spec = self.transfer
+        prompt_segments = int(spec.get("prompt_segments", 2))
+        gap = int(spec.get("prompt_gap", 0))
+        seq_len = int(spec.get("seq_len") or self.seq_len)
+        if seq_len < self.token_len or seq_len % self.token_len:
+            raise InputError(f"data.transfer.seq_len={seq_len} is not a whole number of segments of "
+                             f"data.token_len={self.token_len}")
+        # the test windows need their prompt: start the slice that many rows earlier
+        before = prompt_segments * self.token_len + gap
+        data, table, source = self._held_out(spec, seq_len, before)
+        need = before + seq_len + self.pred_len
+        if len(data) < need:
+            raise InputError(f"transfer: the test split of {source} ({len(data)} rows) is shorter than prompt + "
                              f"lookback + horizon = {need} rows")
-        return {"data": torch.as_tensor(scaled[s:e], dtype=torch.float32), "table": table[s:e + extra],
-                "source": source, "prompt_segments": prompt_segments, "prompt_gap": gap}
+        out = {"data": data, "table": table, "source": source, "prompt_segments": prompt_segments,
+               "prompt_gap": gap, "seq_len": seq_len, "control": None}
+        control = spec.get("control") or {}
+        if control.get("path") or control.get("dataset"):
+            c_data, c_table, c_source = self._held_out(control, seq_len, 0)
+            if len(c_data) < prompt_segments * self.token_len:
+                raise InputError(f"transfer.control: the test split of {c_source} ({len(c_data)} rows) is "
+                                 f"shorter than the prompt ({prompt_segments * self.token_len} rows)")
+            out["control"] = (c_data, c_table)
+        return out
 
     def info(self) -> dict:
         info = super().info()
@@ -264,11 +292,13 @@ class AutoTimesDataModule(ForecastDataModule):
         return RolloutDataset(self._data(split), self.tables[split], self.seq_len, horizon or self.pred_len,
                               self.token_len)
 
-    def transfer_windows(self, in_context: bool) -> Dataset:
+    def transfer_windows(self, in_context: bool, control: bool = False) -> Dataset:
+        """The held-out windows: zero-shot, in-context (the prompt from the same series) or,
+        with ``control``, in-context with the prompt from the control source."""
         t = self.transfer_data
-        prompt = t["prompt_segments"] if in_context else 0
-        ds = RolloutDataset(t["data"], t["table"], self.seq_len, self.pred_len, self.token_len,
-                            t["prompt_segments"], t["prompt_gap"])
+        prompt = t["prompt_segments"] if in_context or control else 0
+        ds = RolloutDataset(t["data"], t["table"], t["seq_len"], self.pred_len, self.token_len,
+                            t["prompt_segments"], t["prompt_gap"], t["control"] if control else None)
         ds.prompt_len = prompt * self.token_len  # same windows (same offset) with or without the prompt
         return ds
 
@@ -292,13 +322,17 @@ class AutoTimesDataModule(ForecastDataModule):
     def test_loader_names(self) -> list[str]:
         """What each test loader scores: ``h<horizon>`` rows, then ``zero_shot``/``in_context``."""
         names = [f"h{h}" for h in self.test_horizons]
-        return names + (["zero_shot", "in_context"] if self.transfer_data else [])
+        if not self.transfer_data:
+            return names
+        return names + ["zero_shot", "in_context"] + (["in_context_control"] if self.transfer_data["control"] else [])
 
     def test_dataloader(self) -> list[DataLoader]:
         self.load()
         loaders = [self._make_loader(self.windows("test", h), shuffle=False) for h in self.test_horizons]
         if self.transfer_data:
             loaders += [self._make_loader(self.transfer_windows(flag), shuffle=False) for flag in (False, True)]
+            if self.transfer_data["control"]:
+                loaders.append(self._make_loader(self.transfer_windows(True, control=True), shuffle=False))
         return loaders
 
     def predict_dataloader(self) -> DataLoader:
