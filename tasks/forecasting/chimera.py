@@ -104,12 +104,18 @@ class SeriesEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, V]`` -> ``[B, V, P, D]`` (grid) or ``[B, P, D]`` (channels)."""
+        return self.mix(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, V]`` -> the input tokens, ``[B, V, P, D]`` (grid) or ``[B, P, D]`` (channels)."""
         patches = self.patches(x)
         if self.layout == "channels":
-            tokens = self.value_embedding(patches.permute(0, 2, 1, 3).flatten(2))  # [B, P, V * patch] -> [B, P, D]
-            return self.backbone(self.dropout(tokens))[0]
-        tokens = self.dropout(self.value_embedding(patches) + self.variate_embedding[:, None])  # [B, V, P, D]
-        if getattr(self.backbone, "grid_native", False):
+            return self.dropout(self.value_embedding(patches.permute(0, 2, 1, 3).flatten(2)))  # [B, P, V * patch] -> [B, P, D]
+        return self.dropout(self.value_embedding(patches) + self.variate_embedding[:, None])  # [B, V, P, D]
+
+    def mix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The stack over the tokens of :meth:`embed` (same shape out)."""
+        if self.layout == "channels" or getattr(self.backbone, "grid_native", False):
             return self.backbone(tokens)[0]
         b, v, p, d = tokens.shape  # a 1-D stack: each variate its own sequence
         return self.backbone(tokens.reshape(b * v, p, d))[0].view(b, v, p, d)
@@ -163,28 +169,75 @@ class ChimeraReconstructor(nn.Module):
     to reconstruct normal windows; the score of a step is its squared reconstruction error).
 
     ``forward(x [B, T, V]) -> x̂ [B, T, V]``; :meth:`anomaly_score` ``-> [B, T]`` (mean over the
-    variates of ``(x - x̂)²``). The width ``D`` of the tokens is the bottleneck (keep it small
-    against ``patch_len × (1 + ...)``); ``revin`` as :class:`ChimeraForecaster`.
+    variates of ``(x - x̂)²``). ``revin`` as :class:`ChimeraForecaster`.
+
+    ``mask_ratio = 0`` is plain autoencoding: every grid cell sees its own values, so only a width
+    ``D`` below ``patch_len`` keeps the model from copying them. ``mask_ratio > 0`` is masked
+    reconstruction: in training a random share ``mask_ratio`` of the grid cells (one variate ×
+    one patch) have their token replaced by a learned mask token, and the loss is the error on
+    those cells; for scores, ``K = round(1 / mask_ratio)`` passes mask the cells with
+    ``(variate + patch) % K == k``, so that every cell is reconstructed once without its own
+    values: from its variate's past (the scan is causal in time) and, through the cross-variate
+    path, from the other variates, which is what lets a broken relation between variates show.
     """
 
     def __init__(self, n_in: int, backbone: nn.Module | Mapping | None = None, patch_len: int = 1,
-                 revin: bool = True, dropout: float = 0.0):
+                 revin: bool = True, dropout: float = 0.0, mask_ratio: float = 0.0):
         super().__init__()
-        self.n_in = n_in
+        if not 0 <= mask_ratio < 1:
+            raise InputError(f"mask_ratio={mask_ratio}: must be in [0, 1) (0: plain autoencoding)")
+        self.n_in, self.mask_ratio = n_in, float(mask_ratio)
         self.encoder = SeriesEncoder(n_in, backbone, patch_len, "grid", dropout)
         self.revin = RevIN() if revin else None
         self.head = nn.Linear(self.encoder.dim, patch_len)
+        self.mask_token = nn.Parameter(torch.zeros(self.encoder.dim)) if mask_ratio > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T, V]`` -> ``x̂ [B, T, V]``; ``mask [B, V, P]`` (bool): the grid cells whose
+        token is the mask token (needs ``mask_ratio > 0``)."""
         t = x.shape[1] if x.ndim == 3 else 0
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalize(x)
-        tokens = self.encoder(x)  # [B, V, P, D]
+        tokens = self.encoder.embed(x)  # [B, V, P, D]
+        if mask is not None:
+            if self.mask_token is None:
+                raise InputError("a mask needs a ChimeraReconstructor built with mask_ratio > 0")
+            masked = self.mask_token + self.encoder.variate_embedding[:, None]  # [V, 1, D]: where the cell is, not what
+            tokens = torch.where(mask[..., None], masked, tokens)
+        tokens = self.encoder.mix(tokens)
         recon = self.head(tokens).flatten(2)[..., -t:].transpose(1, 2).contiguous()  # [B, V, P*patch] -> [B, T, V], the last T steps
         return recon if stats is None else self.revin.denormalize(recon, stats)
+
+    def _steps(self, mask: torch.Tensor, t: int) -> torch.Tensor:
+        """A cell mask ``[B, V, P]`` -> the steps it covers, ``[B, T, V]`` (left padding dropped)."""
+        return mask.repeat_interleave(self.encoder.patch_len, -1)[..., -t:].transpose(1, 2)
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction MSE of a batch ``x [B, T, V]``: on every step (``mask_ratio = 0``) or
+        on the randomly masked cells."""
+        if self.mask_token is None:
+            return (self(x) - x).pow(2).mean()
+        b, t, v = x.shape
+        mask = torch.rand(b, v, self.encoder.num_tokens(t), device=x.device) < self.mask_ratio
+        steps = self._steps(mask, t).to(x.dtype)
+        return ((self(x, mask) - x).pow(2) * steps).sum() / steps.sum().clamp_min(1.0)
+
+    def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, V]`` -> ``(x - x̂)² [B, T, V]``; with ``mask_ratio > 0``, each cell's error
+        from the pass that masks it (class docstring)."""
+        if self.mask_token is None:
+            return (x - self(x)).pow(2)
+        b, t, v = x.shape
+        passes = max(2, round(1 / self.mask_ratio))
+        cells = torch.arange(v, device=x.device)[:, None] + torch.arange(self.encoder.num_tokens(t), device=x.device)
+        error = torch.zeros_like(x)
+        for k in range(passes):
+            mask = (cells % passes == k).expand(b, -1, -1)  # [B, V, P]
+            error = torch.where(self._steps(mask, t), (x - self(x, mask)).pow(2), error)
+        return error
 
     @torch.no_grad()
     def anomaly_score(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, V]`` -> ``[B, T]``, the squared reconstruction error averaged over variates."""
-        return (x - self(x)).pow(2).mean(-1)
+        return self.reconstruction_error(x).mean(-1)
