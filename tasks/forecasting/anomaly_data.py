@@ -256,15 +256,19 @@ class AnomalyDataModule(SplitsDataModule):
         win_size: rows per window (100 in the Time-Series-Library protocol).
         step: stride of the training windows (1 in that protocol).
         val_fraction: the last share of the training rows held out for validation.
+        generator_seed: the seed of the bundled set's noise and anomalies (not ``seed``, which
+            orders the training batches: another training seed scores the same test rows).
     """
 
     def __init__(self, path: str | None = None, dataset: str = "pv_plant", win_size: int = 100, step: int = 1,
-                 val_fraction: float = 0.2, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+                 val_fraction: float = 0.2, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
+                 generator_seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.path, self.dataset = path, dataset
         self.win_size, self.step, self.val_fraction = int(win_size), int(step), float(val_fraction)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.generator_seed = generator_seed
 
     def read(self) -> None:
         if self.win_size < 2 or self.step < 1:
@@ -274,7 +278,7 @@ class AnomalyDataModule(SplitsDataModule):
         if self.path:
             raw, self.source = read_anomaly_folder(self.path), str(self.path)
         elif self.dataset in BUNDLED:
-            train, test, labels, kinds = sensor_frames(seed=self.seed)
+            train, test, labels, kinds = sensor_frames(seed=self.generator_seed)
             raw = {"train": train[SENSOR_CHANNELS].to_numpy(np.float64),
                    "test": test[SENSOR_CHANNELS].to_numpy(np.float64), "labels": labels["label"].to_numpy(),
                    "columns": list(SENSOR_CHANNELS), "segments": kinds.to_dict("records")}
