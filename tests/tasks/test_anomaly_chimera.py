@@ -97,6 +97,7 @@ def test_bad_folders_are_refused_with_one_line(tmp_path, spoil, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # a fresh interpreter importing Lightning and Hydra: ~30 s on 2 shared cores
 def test_cli_refuses_a_bad_folder_with_one_line_and_writes_nothing(tmp_path):
     folder = write_folder(tmp_path / "set")
     pd.read_csv(folder / "test_label.csv").iloc[:10].to_csv(folder / "test_label.csv", index=False)
