@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 from seqapps.errors import InputError
 
-BACKENDS = ("auto", "recurrent", "chunk", "triton")
+BACKENDS = ("auto", "recurrent", "chunk", "cpu", "triton")
 
 
 def triton_available() -> bool:
@@ -19,18 +20,34 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """The implementation to run: ``auto`` picks ``triton`` for CUDA tensors and ``chunk``
-    elsewhere; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (how CI tests it)."""
+def resolve_backend(backend: str, *tensors: torch.Tensor, cpu_kernel: Callable[[], bool] | None = None) -> str:
+    """The implementation to run. ``auto`` picks ``triton`` for CUDA tensors; on the CPU the op's
+    fused C kernel (``cpu``) when it has one (``cpu_kernel`` says whether it is built here), the
+    inputs are not float64 and nothing is being traced by ``torch.compile``/``torch.export``;
+    ``chunk`` otherwise. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (how CI tests it)."""
     if backend not in BACKENDS:
         raise InputError(f"backend='{backend}' is not one of {', '.join(BACKENDS)}")
+    given = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in given)
     if backend == "auto":
-        on_cuda = all(t.is_cuda for t in tensors if t is not None)
-        return "triton" if on_cuda and triton_available() else "chunk"
+        if on_cuda and triton_available():
+            return "triton"
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        usable = cpu_kernel is not None and not tracing and all(t.device.type == "cpu" for t in given)
+        return "cpu" if usable and given[0].dtype != torch.float64 and cpu_kernel() else "chunk"
+    if backend == "cpu":
+        if cpu_kernel is None:
+            raise InputError("backend='cpu' (a fused C kernel) exists for gated_linear_attention only; use 'chunk'")
+        if any(t.device.type != "cpu" for t in given):
+            raise InputError("backend='cpu' needs CPU tensors; use 'triton' or 'auto' on a GPU")
+        if given[0].dtype == torch.float64:
+            raise InputError("backend='cpu' computes in float32; float64 inputs go to backend='chunk'")
+        if not cpu_kernel():
+            raise InputError("backend='cpu': the C kernel could not be built here (no C compiler, or "
+                             "SEQAPPS_CPU_KERNELS=0); use backend='chunk'")
     if backend == "triton":
         if not triton_available():
             raise InputError("backend='triton' needs the triton package (it comes with torch on Linux)")
-        on_cuda = all(t.is_cuda for t in tensors if t is not None)
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise InputError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1 "
                              "(set it before importing triton); use backend='chunk' on the CPU")
@@ -45,3 +62,9 @@ def expect_shape(name: str, tensor: torch.Tensor | None, shape: tuple, layout: s
     if not ok:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise InputError(f"{name} has shape {list(tensor.shape)}; expected {want} ({layout})")
+
+
+def expect_chunk_size(chunk_size) -> None:
+    """Raise one line unless ``chunk_size`` is a positive integer."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"chunk_size={chunk_size!r}; expected a positive integer (64 is a good default)")

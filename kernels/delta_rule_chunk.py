@@ -70,7 +70,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.errors import InputError
+from seqapps.kernels.backend import expect_chunk_size
 
 
 def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -79,8 +79,7 @@ def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     """``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta, g [B, T, H]`` (``g`` may be ``None``),
     ``initial_state [B, H, K, V]`` or ``None`` -> ``(o [B, T, H, V], final_state [B, H, K, V] or None)``.
     ``chunk_size`` is rounded up to a power of two and capped at the sequence length so rounded."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(f"chunk_size={chunk_size!r}; expected a positive int (64 is a good default)")
+    expect_chunk_size(chunk_size)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -13,6 +13,13 @@ import torch
 from seqapps.kernels.backend import expect_shape, resolve_backend
 
 
+def gla_cpu_available() -> bool:
+    """Whether the fused C kernel (``backend="cpu"``) is built here; builds it on first call."""
+    from seqapps.kernels.gla_cpu import available
+
+    return available()
+
+
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            scale: float | None = None, initial_state: torch.Tensor | None = None,
                            output_final_state: bool = False, backend: str = "auto",
@@ -26,13 +33,17 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     expect_shape("g", g, (b, t, h, dk) if g.ndim == 4 else (b, t, h), layout)
     expect_shape("initial_state", initial_state, (b, h, dk, dv), layout)
     scale = dk ** -0.5 if scale is None else scale
-    backend = resolve_backend(backend, q, k, v, g)
+    backend = resolve_backend(backend, q, k, v, g, initial_state, cpu_kernel=gla_cpu_available)
     if backend == "recurrent":
         return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
     if backend == "chunk":
         from seqapps.kernels.gla_chunk import gla_chunk
 
         return gla_chunk(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
+    if backend == "cpu":
+        from seqapps.kernels.gla_cpu import gla_cpu
+
+        return gla_cpu(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
     from seqapps.kernels.triton.gla import gla_triton
 
     return gla_triton(q, k, v, g, scale, initial_state, output_final_state, chunk_size)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.errors import InputError
+from seqapps.kernels.backend import expect_chunk_size
 
 # Numbers per ``[chunks, C, D]`` slab of a tile: a few MB, so that a tile's working set stays in
 # cache, and few enough tiles that per-operation overhead stays small.
@@ -76,8 +76,7 @@ def gla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     ``(o [B, T, H, V], final_state [B, H, K, V] or None)``. ``chunk_size`` is rounded up to a
     power of two (the dyadic tiling needs one) and capped at the sequence length so rounded.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(f"chunk_size={chunk_size!r}; expected a positive integer")
+    expect_chunk_size(chunk_size)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

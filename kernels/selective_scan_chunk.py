@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from seqapps.errors import InputError
+from seqapps.kernels.backend import expect_chunk_size
 from seqapps.kernels.selective_scan import discretize
 
 
@@ -61,8 +61,7 @@ def selective_scan_chunk(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     """``u, delta, z [B, T, D]``, ``A [D, N]``, ``B, C [B, T, N]`` or ``[B, T, G, N]``,
     ``D, delta_bias [D]``, ``initial_state [B, D, N]`` -> ``(y [B, T, D] in u's dtype,
     final_state [B, D, N] in the accumulation dtype, or None)``."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(f"chunk_size={chunk_size!r}; expected a positive integer")
+    expect_chunk_size(chunk_size)
     batch, t, d = u.shape
     n = A.shape[-1]
     groups = 1 if B.ndim == 3 else B.shape[2]

@@ -204,7 +204,7 @@ def _mamba_blocks(d_model: int, device, dtype):
 
 # --------------------------------------------------------------------------- driver
 def run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa"),
-              backends=("recurrent", "chunk"), lengths=(512, 1024, 2048, 4096, 8192, 16384),
+              backends=("recurrent", "chunk", "cpu"), lengths=(512, 1024, 2048, 4096, 8192, 16384),
               modes=("fwd", "fwd_bwd"), batch: int = 2, heads: int = 4, dim: int = 64,
               dtype: str = "float32", device: str = "auto", warmup: int = 1, repeats: int = 3,
               recurrent_max_len: int = 1024, mamba_d_model: int = 128, fla: bool = True,
@@ -245,10 +245,17 @@ def _backends_for(op: str, backends, dev, fla: bool) -> list[str]:
         return ["mambapy", "seqapps_chunk"]
     if op == "lightnet_image":
         return ["native", "scan4"]
-    chosen = [b for b in backends if b != "triton" or dev.type == "cuda"]
+    chosen = [b for b in backends if (b != "triton" or dev.type == "cuda")
+              and (b != "cpu" or (dev.type == "cpu" and op in ("gla", "gla_scalar") and _cpu_kernel_built()))]
     if fla and dev.type == "cuda" and op in ("gla", "gla_scalar"):
         chosen.append("fla")
     return chosen
+
+
+def _cpu_kernel_built() -> bool:
+    from seqapps.kernels.gla_cpu import available
+
+    return available()
 
 
 def _measure(op, backend, T, mode, batch, heads, dim, dev, dt, warmup, repeats, mamba_d_model) -> Case:
@@ -321,14 +328,15 @@ def markdown(result: dict) -> str:
 
 
 def ratio_lines(cases: list[dict]) -> list[str]:
-    """chunk vs recurrent speed-ups, chunk time over causal SDPA time, Mamba block speed-up."""
+    """chunked (``chunk``, ``cpu``) vs recurrent speed-ups, their time over causal SDPA's, the
+    Mamba block and LightNet speed-ups."""
     ms = {(c["op"], c["backend"], c["T"]): c["ms"] for c in cases if c["mode"] == "fwd_bwd" and c["ms"]}
     lines = []
     for (op, backend, t), value in sorted(ms.items()):
-        if backend == "chunk" and (op, "recurrent", t) in ms:
-            lines.append(f"- {op} T={t}: chunk {ms[(op, 'recurrent', t)] / value:.0f}x faster than recurrent")
-        if backend == "chunk" and ("sdpa", "sdpa", t) in ms:
-            lines.append(f"- {op} T={t}: chunk takes {value / ms[('sdpa', 'sdpa', t)]:.2f}x the time of causal SDPA")
+        if backend in ("chunk", "cpu") and (op, "recurrent", t) in ms:
+            lines.append(f"- {op} T={t}: {backend} {ms[(op, 'recurrent', t)] / value:.0f}x faster than recurrent")
+        if backend in ("chunk", "cpu") and ("sdpa", "sdpa", t) in ms:
+            lines.append(f"- {op} T={t}: {backend} takes {value / ms[('sdpa', 'sdpa', t)]:.2f}x the time of causal SDPA")
         if backend == "native" and (op, "scan4", t) in ms:
             lines.append(f"- LightNet image backbone, {t} patches: one native scan {ms[(op, 'scan4', t)] / value:.2f}x "
                          "faster than four raster scans")

@@ -1,5 +1,5 @@
-"""Gated linear attention: the ``chunk`` backend against the ``recurrent`` oracle, and the
-public op's input checks.
+"""Gated linear attention: the ``chunk`` backend and the fused C kernel (``cpu``) against the
+``recurrent`` oracle, and the public op's input checks.
 
 Outputs, final states and the gradients of every input (``initial_state`` included) are
 compared by relative RMS error (``kernel_harness``), for both gate forms (a log decay per key
@@ -19,6 +19,7 @@ from kernel_harness import assert_matches, rel_rms, run_with_grads
 from seqapps.errors import InputError
 from seqapps.kernels.gla import gated_linear_attention, gla_recurrent
 from seqapps.kernels.gla_chunk import gla_chunk, gla_chunk_reference
+from seqapps.kernels.gla_cpu import available as cpu_kernel_available
 
 # Measured worst relative RMS errors over these cases and 3 seeds: 1e-6 in float32 (d_g; 4e-7 for
 # the rest), 2e-4 in bfloat16 (both backends accumulate in float32 and round the outputs and
@@ -28,6 +29,9 @@ FP32_TOL = 1e-5
 BF16_TOL = 1e-2
 EXTREME_TOL = 2e-5
 GATES = ["per-key", "per-head"]
+CPU_KERNEL = pytest.param("cpu", marks=pytest.mark.skipif(not cpu_kernel_available(),
+                                                          reason="no C compiler: the fused CPU kernel is not built"))
+FAST_BACKENDS = ["chunk", CPU_KERNEL]
 
 
 def make_inputs(b: int, t: int, h: int, dk: int, dv: int, *, gate: str, dtype: torch.dtype = torch.float32,
@@ -53,17 +57,19 @@ SHAPES = {  # (B, T, H, K, V, chunk_size, with an initial state)
     "chunk 64, tail": (1, 150, 2, 16, 16, 64, True),
     "chunk 24 -> 32": (1, 70, 2, 8, 8, 24, True),
     "no initial state": (2, 33, 2, 8, 8, 8, False),
+    "K=64, V=48, 3 chunks of 64": (1, 150, 2, 64, 48, 64, True),
 }
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_chunk_matches_recurrent(shape, gate, dtype):
+def test_matches_recurrent(shape, gate, dtype, backend):
     *dims, chunk_size, with_state = shape
     inputs = make_inputs(*dims, gate=gate, dtype=dtype, with_state=with_state)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-    assert_matches(lambda **kw: gated_linear_attention(**kw, chunk_size=chunk_size), inputs, "chunk", tol)
+    assert_matches(lambda **kw: gated_linear_attention(**kw, chunk_size=chunk_size), inputs, backend, tol)
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -81,46 +87,52 @@ def test_out_of_place_chunk_form_matches_recurrent(shape, gate):
     assert_matches(op, inputs, "chunk_reference", FP32_TOL)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("gate", GATES)
-def test_chunk_keeps_dtypes(gate):
+def test_keeps_dtypes(gate, backend):
     inputs = make_inputs(1, 20, 2, 8, 8, gate=gate, dtype=torch.bfloat16)
-    out, state = gated_linear_attention(**inputs, output_final_state=True, backend="chunk")
+    out, state = gated_linear_attention(**inputs, output_final_state=True, backend=backend)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 20, 2, 8)
     assert state.dtype == torch.float32 and state.shape == (1, 2, 8, 8)
-    assert gated_linear_attention(**inputs, backend="chunk")[1] is None
+    assert gated_linear_attention(**inputs, backend=backend)[1] is None
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("cuts", [[1], [16], [23], [5, 40, 41], [63]])
-def test_cutting_and_carrying_the_state_changes_nothing(gate, cuts):
+def test_cutting_and_carrying_the_state_changes_nothing(gate, cuts, backend):
     """Running the pieces one after the other, each starting from the state the previous one
-    left, gives the outputs and final state of the whole sequence."""
-    inputs = make_inputs(2, 64, 2, 8, 6, gate=gate, dtype=torch.float64)
-    whole, whole_state = gated_linear_attention(**inputs, output_final_state=True, backend="chunk", chunk_size=16)
+    left, gives the outputs and final state of the whole sequence (float64 for ``chunk``; the C
+    kernel computes in float32)."""
+    dtype, tol = (torch.float64, 1e-12) if backend == "chunk" else (torch.float32, 1e-6)
+    inputs = make_inputs(2, 64, 2, 8, 6, gate=gate, dtype=dtype)
+    whole, whole_state = gated_linear_attention(**inputs, output_final_state=True, backend=backend, chunk_size=16)
     state, pieces = inputs["initial_state"], []
     for start, stop in zip([0, *cuts], [*cuts, 64]):
         piece = {name: inputs[name][:, start:stop] for name in ("q", "k", "v", "g")}
         out, state = gated_linear_attention(**piece, initial_state=state, output_final_state=True,
-                                            backend="chunk", chunk_size=16)
+                                            backend=backend, chunk_size=16)
         pieces.append(out)
-    assert rel_rms(torch.cat(pieces, 1), whole) < 1e-12
-    assert rel_rms(state, whole_state) < 1e-12
+    assert rel_rms(torch.cat(pieces, 1), whole) < tol
+    assert rel_rms(state, whole_state) < tol
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("gate", GATES)
-def test_extreme_gates_stay_finite_and_exact(gate):
+def test_extreme_gates_stay_finite_and_exact(gate, backend):
     """Log decays anywhere in [-20, -1e-4] per step: no exp may overflow (that would give inf
     or NaN), over T = 8192 with the default chunks of 64; on a 256-step slice the float32 chunk
-    matches the float64 recurrence."""
+    matches the float64 recurrence. (In the C kernel these decays send most blocks of 16 to the
+    exact diagonal.)"""
     inputs = make_inputs(1, 8192, 1, 8, 8, gate=gate, log_decay_range=(-20.0, -1e-4), seed=1)
-    result = run_with_grads(lambda **kw: gated_linear_attention(**kw, backend="chunk"), inputs)
+    result = run_with_grads(lambda **kw: gated_linear_attention(**kw, backend=backend), inputs)
     for name, value in result.items():
         assert torch.isfinite(value).all(), f"{name} is not finite"
 
     short = {name: x[:, :256] if name != "initial_state" else x for name, x in inputs.items()}
     exact = run_with_grads(lambda **kw: gla_recurrent(**kw, scale=8 ** -0.5),
                            {name: x.double() for name, x in short.items()})
-    got = run_with_grads(lambda **kw: gated_linear_attention(**kw, backend="chunk"), short)
+    got = run_with_grads(lambda **kw: gated_linear_attention(**kw, backend=backend), short)
     errors = {name: rel_rms(got[name], exact[name]) for name in exact}
     assert max(errors.values()) < EXTREME_TOL, errors
 

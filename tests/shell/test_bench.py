@@ -7,11 +7,12 @@ import json
 from conftest import run_cli
 
 from seqapps.bench import markdown, run_bench
+from seqapps.kernels.gla_cpu import available as cpu_kernel_available
 
 
 def test_run_bench_measures_each_case_and_tabulates():
     result = run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block", "lightnet_image"),
-                       backends=("recurrent", "chunk"), lengths=(16, 32), repeats=1, recurrent_max_len=16,
+                       backends=("recurrent", "chunk", "cpu"), lengths=(16, 32), repeats=1, recurrent_max_len=16,
                        batch=1, heads=2, dim=8, mamba_d_model=16, log=lambda _: None)
     cases = {(c["op"], c["backend"], c["T"], c["mode"]): c for c in result["cases"]}
     assert ("gla", "recurrent", 32, "fwd") not in cases  # past recurrent_max_len
@@ -20,6 +21,9 @@ def test_run_bench_measures_each_case_and_tabulates():
             assert cases[(op, "chunk", 32, mode)]["ms"] > 0
             assert cases[(op, "recurrent", 16, mode)]["ms"] > 0
     assert cases[("gla_scalar", "chunk", 32, "fwd_bwd")]["gflops"] > 0
+    if cpu_kernel_available():  # the fused C kernel: GLA ops only
+        assert cases[("gla", "cpu", 32, "fwd_bwd")]["ms"] > 0 and cases[("gla_scalar", "cpu", 32, "fwd")]["gflops"] > 0
+    assert not any(backend == "cpu" for op, backend, _, _ in cases if op not in ("gla", "gla_scalar"))
     assert cases[("mamba_block", "mambapy", 16, "fwd_bwd")]["ms"] > 0
     assert cases[("mamba_block", "seqapps_chunk", 16, "fwd_bwd")]["ms"] > 0
     assert cases[("lightnet_image", "native", 16, "fwd_bwd")]["ms"] > 0

@@ -1,4 +1,5 @@
-"""A killed training resumes to the same result; DDP on CPU; the wheel carries every part."""
+"""A killed training resumes to the same result; DDP on CPU; the wheel carries every part (the C
+kernels' sources included)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,6 @@ def test_wheel_contains_every_package_and_config(tmp_path):
     for folder, package in (("seqapps", "seqapps"), ("backbones", "seqapps/backbones"),
                             ("kernels", "seqapps/kernels"), ("tasks", "seqapps/tasks"), ("conf", "seqapps/conf")):
         for path in (REPO / folder).rglob("*"):
-            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+            if path.suffix in (".py", ".yaml", ".c") and "__pycache__" not in path.parts:
                 assert f"{package}/{path.relative_to(REPO / folder).as_posix()}" in names, path
     assert "seqapps/conf/task/forecast_arnet.yaml" in names
