@@ -2,8 +2,11 @@
 
 Each op returns ``(output, final_state)``, takes ``initial_state`` and ``backend=``:
 ``recurrent`` (the loop, the oracle and the streaming ``*_step``), ``chunk`` (chunked
-parallel PyTorch, the CPU default and export path), ``triton`` (GPU kernels; on CPU under
-``TRITON_INTERPRET=1``); ``auto`` picks triton for CUDA tensors, chunk elsewhere.
+parallel PyTorch, the CPU default and export path), ``cpu`` (gated linear attention only: the
+chunked form as one fused C kernel, ``cpu/gla.c``, built at first use by ``compiled.py``),
+``triton`` (GPU kernels; on CPU under ``TRITON_INTERPRET=1``); ``auto`` picks triton for CUDA
+tensors, and elsewhere ``cpu`` where an op has it and it is built, chunk otherwise (always chunk
+while ``torch.compile``/``torch.export`` trace).
 """
 
 from seqapps.kernels.delta_rule import delta_rule, delta_rule_step

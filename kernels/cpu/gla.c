@@ -44,10 +44,13 @@
 #define ROWS 4
 typedef float vec __attribute__((vector_size(LANES * 4), aligned(4)));
 
-/* c[m x n] = (accumulate ? c : 0) + a[m x depth] . b[depth x n], row-major with leading dimensions.
- * m % ROWS == 0 and n % 16 == 0 (chunk rows and padded dims are multiples of 16). */
-static void matmul(int m, int n, int depth, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
-                   int accumulate) {
+/* c[m x n] = (accumulate ? c : 0) + a . b, with a [m x depth] row-major (lda) or, when
+ * a_transposed, a^T where a is [depth x m] row-major (the matmul reads a one number at a time, so
+ * either layout costs the same), and b [depth x n] row-major (ldb). m % ROWS == 0 and n % 16 == 0
+ * (chunk rows and padded dims are multiples of 16). */
+static void matmul(int m, int n, int depth, const float *a, int lda, int a_transposed, const float *b, int ldb,
+                   float *c, int ldc, int accumulate) {
+  const int row_step = a_transposed ? 1 : lda, depth_step = a_transposed ? lda : 1;
   for (int i = 0; i < m; i += ROWS) {
     int j = 0;
     for (; j + LANES * VECS <= n; j += LANES * VECS) {
@@ -58,7 +61,7 @@ static void matmul(int m, int n, int depth, const float *a, int lda, const float
         vec row[VECS];
         for (int s = 0; s < VECS; s++) row[s] = *(const vec *)(b + p * ldb + j + s * LANES);
         for (int r = 0; r < ROWS; r++) {
-          float x = a[(i + r) * lda + p];
+          float x = a[(i + r) * row_step + p * depth_step];
           for (int s = 0; s < VECS; s++) sum[r][s] += x * row[s];
         }
       }
@@ -70,7 +73,7 @@ static void matmul(int m, int n, int depth, const float *a, int lda, const float
       for (int r = 0; r < ROWS; r++) sum[r] = accumulate ? *(const vec *)(c + (i + r) * ldc + j) : (vec){0};
       for (int p = 0; p < depth; p++) {
         vec row = *(const vec *)(b + p * ldb + j);
-        for (int r = 0; r < ROWS; r++) sum[r] += a[(i + r) * lda + p] * row;
+        for (int r = 0; r < ROWS; r++) sum[r] += a[(i + r) * row_step + p * depth_step] * row;
       }
       for (int r = 0; r < ROWS; r++) *(vec *)(c + (i + r) * ldc + j) = sum[r];
     }
@@ -122,9 +125,9 @@ typedef struct {
 } Problem;
 
 typedef struct {
-  /* [C x Kp] */ float *q, *k, *log_decay, *q_decay, *k_decay, *row_factor, *rows, *col_factor, *cols, *d_q, *d_k, *d_qd, *d_kd;
+  /* [C x Kp] */ float *q, *k, *log_decay, *q_factor, *k_factor, *q_decay, *k_decay, *row_factor, *rows, *col_factor, *cols, *d_q, *d_k, *d_qd, *d_kd;
   /* [C x Vp] */ float *v, *d_o, *d_v;
-  /* [C x C]  */ float *attention, *d_attention, *transposed;
+  /* [C x C]  */ float *attention, *d_attention;
   /* [Kp x C] */ float *transposed_keys;
   /* [Kp x Vp] */ float *state, *d_state, *state_t;
   /* [C] */ int *exact_diagonal;
@@ -134,12 +137,12 @@ typedef struct {
 static int workspace_init(Workspace *w, const Problem *p) {
   size_t c = p->chunk, kp = p->kp, vp = p->vp;
   size_t kv = kp > vp ? kp : vp;
-  size_t total = 13 * c * kp + 3 * c * vp + 3 * c * c + kv * c + 3 * kv * kv;
+  size_t total = 15 * c * kp + 3 * c * vp + 2 * c * c + kv * c + 3 * kv * kv;
   w->memory = (float *)calloc(total, sizeof(float));
   w->exact_diagonal = (int *)calloc(c / BLOCK, sizeof(int));
   if (!w->memory || !w->exact_diagonal) return -1;
   float *m = w->memory;
-  float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_decay, &w->k_decay, &w->row_factor,
+  float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_factor, &w->k_factor, &w->q_decay, &w->k_decay, &w->row_factor,
                        &w->rows, &w->col_factor, &w->cols, &w->d_q, &w->d_k, &w->d_qd, &w->d_kd};
   for (size_t i = 0; i < sizeof per_key / sizeof *per_key; i++, m += c * kp) *per_key[i] = m;
   w->v = m, m += c * vp;
@@ -147,7 +150,6 @@ static int workspace_init(Workspace *w, const Problem *p) {
   w->d_v = m, m += c * vp;
   w->attention = m, m += c * c;
   w->d_attention = m, m += c * c;
-  w->transposed = m, m += c * c;
   w->transposed_keys = m, m += kv * c;
   w->state = m, m += kv * kv;
   w->d_state = m, m += kv * kv;
@@ -181,8 +183,8 @@ static void store_rows(const Problem *p, float *dst, int dim, int b, int h, int 
 }
 
 /* Loads chunk n of sequence (b, h) and derives what both passes need: G (cumulative log decay
- * within the chunk), q_decay = q * exp(G), k_decay = k * exp(G_last - G), and which blocks have
- * their diagonal computed exactly. Returns the number of real rows. */
+ * within the chunk), q_factor = exp(G), k_factor = exp(G_last - G), q_decay = q * q_factor,
+ * k_decay = k * k_factor, and which blocks have their diagonal computed exactly. Returns the number of real rows. */
 static int load_chunk(const Problem *p, Workspace *w, int b, int h, int n) {
   int c = p->chunk, kp = p->kp, start = n * c;
   int rows = p->length - start < c ? p->length - start : c;
@@ -204,8 +206,11 @@ static int load_chunk(const Problem *p, Workspace *w, int b, int h, int n) {
   const float *last = G + (c - 1) * kp;
   for (int i = 0; i < c; i++)
     for (int d = 0; d < kp; d++) {
-      w->q_decay[i * kp + d] = w->q[i * kp + d] * exp_clamped(G[i * kp + d]);
-      w->k_decay[i * kp + d] = w->k[i * kp + d] * exp_clamped(last[d] - G[i * kp + d]);
+      float to_here = exp_clamped(G[i * kp + d]), to_end = exp_clamped(last[d] - G[i * kp + d]);
+      w->q_factor[i * kp + d] = to_here;
+      w->k_factor[i * kp + d] = to_end;
+      w->q_decay[i * kp + d] = w->q[i * kp + d] * to_here;
+      w->k_decay[i * kp + d] = w->k[i * kp + d] * to_end;
     }
   float spans[kp];
   for (int a = 0; a < c / BLOCK; a++) {
@@ -248,7 +253,7 @@ static int attention_block(const Problem *p, Workspace *w, int a) {
     }
   if (width > 0) {
     transpose(width, kp, w->cols, kp, w->transposed_keys, c);
-    matmul(BLOCK, width, kp, w->rows, kp, w->transposed_keys, c, A, c, 0);
+    matmul(BLOCK, width, kp, w->rows, kp, 0, w->transposed_keys, c, A, c, 0);
   }
   if (!w->exact_diagonal[a]) {
     for (int i = 0; i < BLOCK; i++)
@@ -274,12 +279,11 @@ static void attention_block_backward(const Problem *p, Workspace *w, int a, int 
   float *scratch = w->d_kd;
   if (width > 0) {
     /* d rows = dA[:, :width] . cols, times row_factor into d_q */
-    matmul(BLOCK, kp, width, dA, c, w->cols, kp, scratch, kp, 0);
+    matmul(BLOCK, kp, width, dA, c, 0, w->cols, kp, scratch, kp, 0);
     for (int i = 0; i < BLOCK; i++)
       for (int d = 0; d < kp; d++) w->d_q[(r + i) * kp + d] += scratch[i * kp + d] * w->row_factor[i * kp + d];
     /* d cols = dA[:, :width]^T . rows, times col_factor into d_k */
-    transpose(BLOCK, width, dA, c, w->transposed, BLOCK);
-    matmul(width, kp, BLOCK, w->transposed, BLOCK, w->rows, kp, scratch, kp, 0);
+    matmul(width, kp, BLOCK, dA, c, 1, w->rows, kp, scratch, kp, 0);
     for (int j = 0; j < width; j++)
       for (int d = 0; d < kp; d++) w->d_k[j * kp + d] += scratch[j * kp + d] * w->col_factor[j * kp + d];
   }
@@ -324,17 +328,16 @@ static void forward_sequence(const Problem *p, Workspace *w, int seq) {
     int rows = load_chunk(p, w, b, h, n);
     if (p->states) memcpy(p->states + ((size_t)seq * p->n_chunks + n) * kp * vp, w->state, sizeof(float) * kp * vp);
     float *out = w->d_v; /* [C x Vp] scratch: o = q_decay . S + A . v */
-    matmul(c, vp, kp, w->q_decay, kp, w->state, vp, out, vp, 0);
+    matmul(c, vp, kp, w->q_decay, kp, 0, w->state, vp, out, vp, 0);
     for (int a = 0; a < c / BLOCK; a++) {
       attention_block(p, w, a);
-      matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, w->v, vp, out + a * BLOCK * vp, vp, 1);
+      matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, 0, w->v, vp, out + a * BLOCK * vp, vp, 1);
     }
     for (int i = 0; i < rows * vp; i++) out[i] *= p->scale;
     store_rows(p, p->o, p->value_dim, b, h, n * c, rows, out, vp);
     /* S <- exp(G_last) S + k_decay^T . v */
     decay_state(p, w->log_decay + (c - 1) * kp, w->state);
-    transpose(c, kp, w->k_decay, kp, w->transposed_keys, c);
-    matmul(kp, vp, c, w->transposed_keys, c, w->v, vp, w->state, vp, 1);
+    matmul(kp, vp, c, w->k_decay, kp, 1, w->v, vp, w->state, vp, 1);
   }
   if (p->final) store_state(p, w->state, p->final + seq * kv);
 }
@@ -351,11 +354,11 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
     load_rows(p, p->d_o, p->value_dim, b, h, n * c, rows, p->scale, w->d_o, vp);
     /* Through the state leaving the chunk (dS): dv = k_decay . dS, d(k_decay) = v . dS^T; the
      * state entering it: d(q_decay) = dO . S_in^T */
-    matmul(c, vp, kp, w->k_decay, kp, w->d_state, vp, w->d_v, vp, 0);
+    matmul(c, vp, kp, w->k_decay, kp, 0, w->d_state, vp, w->d_v, vp, 0);
     transpose(kp, vp, w->d_state, vp, w->state_t, kp);
-    matmul(c, kp, vp, w->v, vp, w->state_t, kp, w->d_kd, kp, 0);
+    matmul(c, kp, vp, w->v, vp, 0, w->state_t, kp, w->d_kd, kp, 0);
     transpose(kp, vp, entering, vp, w->state_t, kp);
-    matmul(c, kp, vp, w->d_o, vp, w->state_t, kp, w->d_qd, kp, 0);
+    matmul(c, kp, vp, w->d_o, vp, 0, w->state_t, kp, w->d_qd, kp, 0);
     /* G_last scales every key of the chunk and the state carried through it */
     for (int d = 0; d < kp; d++) through_last[d] = 0.0f;
     for (int i = 0; i < c; i++)
@@ -367,12 +370,11 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
     }
     /* dS_in = exp(G_last) dS + q_decay^T . dO */
     decay_state(p, last, w->d_state);
-    transpose(c, kp, w->q_decay, kp, w->transposed_keys, c);
-    matmul(kp, vp, c, w->transposed_keys, c, w->d_o, vp, w->d_state, vp, 1);
+    matmul(kp, vp, c, w->q_decay, kp, 1, w->d_o, vp, w->d_state, vp, 1);
     for (int i = 0; i < c; i++)
       for (int d = 0; d < kp; d++) {
-        w->d_q[i * kp + d] = w->d_qd[i * kp + d] * exp_clamped(G[i * kp + d]);
-        w->d_k[i * kp + d] = w->d_kd[i * kp + d] * exp_clamped(last[d] - G[i * kp + d]);
+        w->d_q[i * kp + d] = w->d_qd[i * kp + d] * w->q_factor[i * kp + d];
+        w->d_k[i * kp + d] = w->d_kd[i * kp + d] * w->k_factor[i * kp + d];
       }
     /* Through A: dA = dO . v^T on and below the diagonal, block by block with A itself */
     transpose(c, vp, w->v, vp, w->transposed_keys, c);
@@ -381,15 +383,14 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
     for (int a = 0; a < c / BLOCK; a++) {
       int r = a * BLOCK;
       float *dA = w->d_attention + r * c;
-      matmul(BLOCK, r + BLOCK, vp, w->d_o + r * vp, vp, w->transposed_keys, c, dA, c, 0);
+      matmul(BLOCK, r + BLOCK, vp, w->d_o + r * vp, vp, 0, w->transposed_keys, c, dA, c, 0);
       for (int i = 0; i < BLOCK; i++)
         for (int j = i + 1; j < BLOCK; j++) dA[i * c + r + j] = 0.0f;
     }
     for (int a = 0; a < c / BLOCK; a++) attention_block_backward(p, w, a, attention_block(p, w, a));
     /* dv += A^T . dO */
-    transpose(c, c, w->attention, c, w->transposed, c);
     for (int a = 0; a < c / BLOCK; a++)
-      matmul(BLOCK, vp, c - a * BLOCK, w->transposed + a * BLOCK * (c + 1), c, w->d_o + a * BLOCK * vp, vp,
+      matmul(BLOCK, vp, c - a * BLOCK, w->attention + a * BLOCK * (c + 1), c, 1, w->d_o + a * BLOCK * vp, vp,
              w->d_v + a * BLOCK * vp, vp, 1);
     /* dL/dG_i = q_i dq_i - k_i dk_i (+ the G_last terms), then back through the cumulative sum */
     float *dG = w->d_qd;
