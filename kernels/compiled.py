@@ -88,5 +88,6 @@ def _build(command: list[str], source: Path, target: Path) -> None:
 def _reason(error: Exception) -> str:
     if isinstance(error, subprocess.CalledProcessError):
         lines = (error.stderr or "").strip().splitlines()
-        return lines[0] if lines else f"exit {error.returncode}"
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or [f"exit {error.returncode}"])[0]
     return str(error)

@@ -17,6 +17,7 @@ import ctypes
 
 import torch
 
+from seqapps.errors import InputError
 from seqapps.kernels.backend import expect_chunk_size
 from seqapps.kernels.compiled import library
 
@@ -46,6 +47,9 @@ def gla_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     ``initial_state [B, H, K, V]`` or ``None`` -> ``(o [B, T, H, V], final_state [B, H, K, V] or
     None)``. ``chunk_size`` is rounded up to a multiple of 16 and capped at ``T`` so rounded."""
     expect_chunk_size(chunk_size)
+    if _library() is None:
+        raise InputError("gla_cpu: the C kernel could not be built here (no C compiler, or SEQAPPS_CPU_KERNELS=0); "
+                         "use gla_chunk")
     length = q.shape[1]
     chunk = _round_up(min(chunk_size, max(length, 1)), _BLOCK)
     f32 = [x.to(torch.float32).contiguous() for x in (q, k, v, g)]

@@ -9,7 +9,8 @@
  * Layout: q, k, g (per-key) [B, T, H, K]; v, o [B, T, H, V]; g (scalar) [B, T, H]; states
  * [B, H, K, V]; all float32 and contiguous. Inside a chunk the key and value dimensions are padded
  * with zeros to Kp, Vp (multiples of 16) and the chunk to C rows (zero keys, values and log decays
- * are inert). A scalar decay is broadcast over the key dimension, so one code path serves both.
+ * are inert). A scalar decay is broadcast over the key dimension, so one code path serves both
+ * (its decay factors are one exp per row, exp_rows).
  *
  * Intra-chunk decays. The chunk is cut into blocks of BLOCK rows. For the rows i of block a, with
  * r its first row, and every column j < r:  exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j), both
@@ -44,13 +45,10 @@
 #define ROWS 4
 typedef float vec __attribute__((vector_size(LANES * 4), aligned(4)));
 
-/* c[m x n] = (accumulate ? c : 0) + a . b, with a [m x depth] row-major (lda) or, when
- * a_transposed, a^T where a is [depth x m] row-major (the matmul reads a one number at a time, so
- * either layout costs the same), and b [depth x n] row-major (ldb). m % ROWS == 0 and n % 16 == 0
- * (chunk rows and padded dims are multiples of 16). */
-static void matmul(int m, int n, int depth, const float *a, int lda, int a_transposed, const float *b, int ldb,
-                   float *c, int ldc, int accumulate) {
-  const int row_step = a_transposed ? 1 : lda, depth_step = a_transposed ? lda : 1;
+/* c[m x n] = (accumulate ? c : 0) + a[m x depth] . b[depth x n], row-major with leading dimensions.
+ * m % ROWS == 0 and n % 16 == 0 (chunk rows and padded dims are multiples of 16). */
+static void matmul(int m, int n, int depth, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                   int accumulate) {
   for (int i = 0; i < m; i += ROWS) {
     int j = 0;
     for (; j + LANES * VECS <= n; j += LANES * VECS) {
@@ -61,7 +59,7 @@ static void matmul(int m, int n, int depth, const float *a, int lda, int a_trans
         vec row[VECS];
         for (int s = 0; s < VECS; s++) row[s] = *(const vec *)(b + p * ldb + j + s * LANES);
         for (int r = 0; r < ROWS; r++) {
-          float x = a[(i + r) * row_step + p * depth_step];
+          float x = a[(i + r) * lda + p];
           for (int s = 0; s < VECS; s++) sum[r][s] += x * row[s];
         }
       }
@@ -73,7 +71,7 @@ static void matmul(int m, int n, int depth, const float *a, int lda, int a_trans
       for (int r = 0; r < ROWS; r++) sum[r] = accumulate ? *(const vec *)(c + (i + r) * ldc + j) : (vec){0};
       for (int p = 0; p < depth; p++) {
         vec row = *(const vec *)(b + p * ldb + j);
-        for (int r = 0; r < ROWS; r++) sum[r] += a[(i + r) * row_step + p * depth_step] * row;
+        for (int r = 0; r < ROWS; r++) sum[r] += a[(i + r) * lda + p] * row;
       }
       for (int r = 0; r < ROWS; r++) *(vec *)(c + (i + r) * ldc + j) = sum[r];
     }
@@ -127,39 +125,67 @@ typedef struct {
 typedef struct {
   /* [C x Kp] */ float *q, *k, *log_decay, *q_factor, *k_factor, *q_decay, *k_decay, *row_factor, *rows, *col_factor, *cols, *d_q, *d_k, *d_qd, *d_kd;
   /* [C x Vp] */ float *v, *d_o, *d_v;
-  /* [C x C]  */ float *attention, *d_attention;
+  /* [C x C]  */ float *attention, *d_attention, *transposed;
   /* [Kp x C] */ float *transposed_keys;
   /* [Kp x Vp] */ float *state, *d_state, *state_t;
   /* [C] */ int *exact_diagonal;
   float *memory;
 } Workspace;
 
+/* Buffers are laid one after the other, each followed by SKEW floats (5 cache lines) so that the
+ * same element of different buffers does not fall into the same cache set (buffers a multiple of
+ * 4 KB apart would: a chunk's loops read up to seven of them in step). */
+#define SKEW 80
+
+static float *take(float **cursor, size_t n) {
+  float *start = *cursor;
+  *cursor += n + SKEW;
+  return start;
+}
+
 static int workspace_init(Workspace *w, const Problem *p) {
   size_t c = p->chunk, kp = p->kp, vp = p->vp;
   size_t kv = kp > vp ? kp : vp;
-  size_t total = 15 * c * kp + 3 * c * vp + 2 * c * c + kv * c + 3 * kv * kv;
+  float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_factor, &w->k_factor, &w->q_decay, &w->k_decay, &w->row_factor,
+                       &w->rows, &w->col_factor, &w->cols, &w->d_q, &w->d_k, &w->d_qd, &w->d_kd};
+  size_t n_per_key = sizeof per_key / sizeof *per_key;
+  size_t total = n_per_key * c * kp + 3 * c * vp + 3 * c * c + kv * c + 3 * kv * kv + (n_per_key + 10) * SKEW;
   w->memory = (float *)calloc(total, sizeof(float));
   w->exact_diagonal = (int *)calloc(c / BLOCK, sizeof(int));
   if (!w->memory || !w->exact_diagonal) return -1;
   float *m = w->memory;
-  float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_factor, &w->k_factor, &w->q_decay, &w->k_decay, &w->row_factor,
-                       &w->rows, &w->col_factor, &w->cols, &w->d_q, &w->d_k, &w->d_qd, &w->d_kd};
-  for (size_t i = 0; i < sizeof per_key / sizeof *per_key; i++, m += c * kp) *per_key[i] = m;
-  w->v = m, m += c * vp;
-  w->d_o = m, m += c * vp;
-  w->d_v = m, m += c * vp;
-  w->attention = m, m += c * c;
-  w->d_attention = m, m += c * c;
-  w->transposed_keys = m, m += kv * c;
-  w->state = m, m += kv * kv;
-  w->d_state = m, m += kv * kv;
-  w->state_t = m;
+  for (size_t i = 0; i < n_per_key; i++) *per_key[i] = take(&m, c * kp);
+  w->v = take(&m, c * vp);
+  w->d_o = take(&m, c * vp);
+  w->d_v = take(&m, c * vp);
+  w->attention = take(&m, c * c);
+  w->d_attention = take(&m, c * c);
+  w->transposed = take(&m, c * c);
+  w->transposed_keys = take(&m, kv * c);
+  w->state = take(&m, kv * kv);
+  w->d_state = take(&m, kv * kv);
+  w->state_t = take(&m, kv * kv);
   return 0;
 }
 
 static void workspace_free(Workspace *w) {
   free(w->memory);
   free(w->exact_diagonal);
+}
+
+/* out[i][d] = exp(sign * (a[i][d] - b[d])) for rows i < rows of [* x Kp] matrices (b NULL: 0).
+ * With one decay per head every column of a row is the same number: computed once per row. */
+static void exp_rows(const Problem *p, int rows, const float *a, const float *b, float sign, float *out) {
+  int kp = p->kp, distinct = p->per_key ? kp : 1;
+  for (int i = 0; i < rows; i++) {
+    for (int d = 0; d < distinct; d++) out[i * kp + d] = exp_clamped(sign * (a[i * kp + d] - (b ? b[d] : 0.0f)));
+    for (int d = distinct; d < kp; d++) out[i * kp + d] = out[i * kp];
+  }
+}
+
+/* out = x * factor, elementwise over [rows x Kp] */
+static void scale_rows(const Problem *p, int rows, const float *x, const float *factor, float *out) {
+  for (int i = 0; i < rows * p->kp; i++) out[i] = x[i] * factor[i];
 }
 
 /* Copies rows [start, start + rows) of sequence (b, h) of a [B, T, H, D] tensor into dst [C x ld],
@@ -204,14 +230,10 @@ static int load_chunk(const Problem *p, Workspace *w, int b, int h, int n) {
   for (int i = 1; i < c; i++)
     for (int d = 0; d < kp; d++) G[i * kp + d] += G[(i - 1) * kp + d];
   const float *last = G + (c - 1) * kp;
-  for (int i = 0; i < c; i++)
-    for (int d = 0; d < kp; d++) {
-      float to_here = exp_clamped(G[i * kp + d]), to_end = exp_clamped(last[d] - G[i * kp + d]);
-      w->q_factor[i * kp + d] = to_here;
-      w->k_factor[i * kp + d] = to_end;
-      w->q_decay[i * kp + d] = w->q[i * kp + d] * to_here;
-      w->k_decay[i * kp + d] = w->k[i * kp + d] * to_end;
-    }
+  exp_rows(p, c, G, NULL, 1.0f, w->q_factor);
+  exp_rows(p, c, G, last, -1.0f, w->k_factor);
+  scale_rows(p, c, w->q, w->q_factor, w->q_decay);
+  scale_rows(p, c, w->k, w->k_factor, w->k_decay);
   float spans[kp];
   for (int a = 0; a < c / BLOCK; a++) {
     const float *first = G + a * BLOCK * kp;
@@ -239,21 +261,13 @@ static int attention_block(const Problem *p, Workspace *w, int a) {
   int width = w->exact_diagonal[a] ? r : r + BLOCK;
   const float *G = w->log_decay, *ref = G + r * kp;
   float *A = w->attention + r * c;
-  for (int i = 0; i < BLOCK; i++)
-    for (int d = 0; d < kp; d++) {
-      float f = exp_clamped(G[(r + i) * kp + d] - ref[d]);
-      w->row_factor[i * kp + d] = f;
-      w->rows[i * kp + d] = w->q[(r + i) * kp + d] * f;
-    }
-  for (int j = 0; j < width; j++)
-    for (int d = 0; d < kp; d++) {
-      float f = exp_clamped(ref[d] - G[j * kp + d]);
-      w->col_factor[j * kp + d] = f;
-      w->cols[j * kp + d] = w->k[j * kp + d] * f;
-    }
+  exp_rows(p, BLOCK, G + r * kp, ref, 1.0f, w->row_factor);
+  scale_rows(p, BLOCK, w->q + r * kp, w->row_factor, w->rows);
+  exp_rows(p, width, G, ref, -1.0f, w->col_factor);
+  scale_rows(p, width, w->k, w->col_factor, w->cols);
   if (width > 0) {
     transpose(width, kp, w->cols, kp, w->transposed_keys, c);
-    matmul(BLOCK, width, kp, w->rows, kp, 0, w->transposed_keys, c, A, c, 0);
+    matmul(BLOCK, width, kp, w->rows, kp, w->transposed_keys, c, A, c, 0);
   }
   if (!w->exact_diagonal[a]) {
     for (int i = 0; i < BLOCK; i++)
@@ -279,11 +293,12 @@ static void attention_block_backward(const Problem *p, Workspace *w, int a, int 
   float *scratch = w->d_kd;
   if (width > 0) {
     /* d rows = dA[:, :width] . cols, times row_factor into d_q */
-    matmul(BLOCK, kp, width, dA, c, 0, w->cols, kp, scratch, kp, 0);
+    matmul(BLOCK, kp, width, dA, c, w->cols, kp, scratch, kp, 0);
     for (int i = 0; i < BLOCK; i++)
       for (int d = 0; d < kp; d++) w->d_q[(r + i) * kp + d] += scratch[i * kp + d] * w->row_factor[i * kp + d];
     /* d cols = dA[:, :width]^T . rows, times col_factor into d_k */
-    matmul(width, kp, BLOCK, dA, c, 1, w->rows, kp, scratch, kp, 0);
+    transpose(BLOCK, width, dA, c, w->transposed, BLOCK);
+    matmul(width, kp, BLOCK, w->transposed, BLOCK, w->rows, kp, scratch, kp, 0);
     for (int j = 0; j < width; j++)
       for (int d = 0; d < kp; d++) w->d_k[j * kp + d] += scratch[j * kp + d] * w->col_factor[j * kp + d];
   }
@@ -328,16 +343,17 @@ static void forward_sequence(const Problem *p, Workspace *w, int seq) {
     int rows = load_chunk(p, w, b, h, n);
     if (p->states) memcpy(p->states + ((size_t)seq * p->n_chunks + n) * kp * vp, w->state, sizeof(float) * kp * vp);
     float *out = w->d_v; /* [C x Vp] scratch: o = q_decay . S + A . v */
-    matmul(c, vp, kp, w->q_decay, kp, 0, w->state, vp, out, vp, 0);
+    matmul(c, vp, kp, w->q_decay, kp, w->state, vp, out, vp, 0);
     for (int a = 0; a < c / BLOCK; a++) {
       attention_block(p, w, a);
-      matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, 0, w->v, vp, out + a * BLOCK * vp, vp, 1);
+      matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, w->v, vp, out + a * BLOCK * vp, vp, 1);
     }
     for (int i = 0; i < rows * vp; i++) out[i] *= p->scale;
     store_rows(p, p->o, p->value_dim, b, h, n * c, rows, out, vp);
     /* S <- exp(G_last) S + k_decay^T . v */
     decay_state(p, w->log_decay + (c - 1) * kp, w->state);
-    matmul(kp, vp, c, w->k_decay, kp, 1, w->v, vp, w->state, vp, 1);
+    transpose(c, kp, w->k_decay, kp, w->transposed_keys, c);
+    matmul(kp, vp, c, w->transposed_keys, c, w->v, vp, w->state, vp, 1);
   }
   if (p->final) store_state(p, w->state, p->final + seq * kv);
 }
@@ -354,11 +370,11 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
     load_rows(p, p->d_o, p->value_dim, b, h, n * c, rows, p->scale, w->d_o, vp);
     /* Through the state leaving the chunk (dS): dv = k_decay . dS, d(k_decay) = v . dS^T; the
      * state entering it: d(q_decay) = dO . S_in^T */
-    matmul(c, vp, kp, w->k_decay, kp, 0, w->d_state, vp, w->d_v, vp, 0);
+    matmul(c, vp, kp, w->k_decay, kp, w->d_state, vp, w->d_v, vp, 0);
     transpose(kp, vp, w->d_state, vp, w->state_t, kp);
-    matmul(c, kp, vp, w->v, vp, 0, w->state_t, kp, w->d_kd, kp, 0);
+    matmul(c, kp, vp, w->v, vp, w->state_t, kp, w->d_kd, kp, 0);
     transpose(kp, vp, entering, vp, w->state_t, kp);
-    matmul(c, kp, vp, w->d_o, vp, 0, w->state_t, kp, w->d_qd, kp, 0);
+    matmul(c, kp, vp, w->d_o, vp, w->state_t, kp, w->d_qd, kp, 0);
     /* G_last scales every key of the chunk and the state carried through it */
     for (int d = 0; d < kp; d++) through_last[d] = 0.0f;
     for (int i = 0; i < c; i++)
@@ -370,7 +386,8 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
     }
     /* dS_in = exp(G_last) dS + q_decay^T . dO */
     decay_state(p, last, w->d_state);
-    matmul(kp, vp, c, w->q_decay, kp, 1, w->d_o, vp, w->d_state, vp, 1);
+    transpose(c, kp, w->q_decay, kp, w->transposed_keys, c);
+    matmul(kp, vp, c, w->transposed_keys, c, w->d_o, vp, w->d_state, vp, 1);
     for (int i = 0; i < c; i++)
       for (int d = 0; d < kp; d++) {
         w->d_q[i * kp + d] = w->d_qd[i * kp + d] * w->q_factor[i * kp + d];
@@ -383,14 +400,15 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
     for (int a = 0; a < c / BLOCK; a++) {
       int r = a * BLOCK;
       float *dA = w->d_attention + r * c;
-      matmul(BLOCK, r + BLOCK, vp, w->d_o + r * vp, vp, 0, w->transposed_keys, c, dA, c, 0);
+      matmul(BLOCK, r + BLOCK, vp, w->d_o + r * vp, vp, w->transposed_keys, c, dA, c, 0);
       for (int i = 0; i < BLOCK; i++)
         for (int j = i + 1; j < BLOCK; j++) dA[i * c + r + j] = 0.0f;
     }
     for (int a = 0; a < c / BLOCK; a++) attention_block_backward(p, w, a, attention_block(p, w, a));
     /* dv += A^T . dO */
+    transpose(c, c, w->attention, c, w->transposed, c);
     for (int a = 0; a < c / BLOCK; a++)
-      matmul(BLOCK, vp, c - a * BLOCK, w->attention + a * BLOCK * (c + 1), c, 1, w->d_o + a * BLOCK * vp, vp,
+      matmul(BLOCK, vp, c - a * BLOCK, w->transposed + a * BLOCK * (c + 1), c, w->d_o + a * BLOCK * vp, vp,
              w->d_v + a * BLOCK * vp, vp, 1);
     /* dL/dG_i = q_i dq_i - k_i dk_i (+ the G_last terms), then back through the cumulative sum */
     float *dG = w->d_qd;
