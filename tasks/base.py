@@ -21,6 +21,28 @@ def class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def raw_series_example(length: int, width: int, mean, std) -> tuple[torch.Tensor]:
+    """An export example on the data's own scale: two random series ``[2, length, width]`` with the
+    per-channel ``mean`` and ``std`` the exported module standardises with."""
+    return (torch.randn(2, length, width) * torch.tensor(std) + torch.tensor(mean),)
+
+
+class StandardisedExport:
+    """Export for task modules whose exported graph is ``export_wrapper(net, mean, std)``: the
+    net behind a per-channel standardisation with the training data's statistics (``data_info``
+    ``mean``, ``std``). Set ``export_wrapper`` on the subclass."""
+
+    export_wrapper: type
+
+    def export_spec(self) -> dict:
+        wrapper = self.export_wrapper
+        return {"_target_": f"{wrapper.__module__}.{wrapper.__qualname__}", "net": self.hparams.net,
+                "mean": self.data_info["mean"], "std": self.data_info["std"]}
+
+    def export_module(self) -> nn.Module:
+        return self.export_wrapper(self.net, self.data_info["mean"], self.data_info["std"])
+
+
 class SeqappsModule(L.LightningModule):
     """Base of the task modules.
 

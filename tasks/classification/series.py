@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from seqapps.tasks.base import StandardisedExport, raw_series_example
 from seqapps.tasks.classification.module import ClassifyModule
 from seqapps.tasks.forecasting.chimera import SeriesEncoder
 
@@ -58,21 +59,15 @@ class ChannelStandardised(nn.Module):
         return self.net(torch.where(torch.isnan(scaled), torch.zeros_like(scaled), scaled))
 
 
-class ClassifySeries(ClassifyModule):
+class ClassifySeries(StandardisedExport, ClassifyModule):
     """:class:`ClassifyModule` for series: the same training, accuracy and confusion matrix;
     exports :class:`ChannelStandardised` (per-channel statistics) with a ``[B, T, C]`` input."""
 
-    def export_spec(self) -> dict:
-        return {"_target_": f"{ChannelStandardised.__module__}.{ChannelStandardised.__qualname__}",
-                "net": self.hparams.net, "mean": self.data_info["mean"], "std": self.data_info["std"]}
-
-    def export_module(self) -> nn.Module:
-        return ChannelStandardised(self.net, self.data_info["mean"], self.data_info["std"])
+    export_wrapper = ChannelStandardised
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         info = self.data_info
-        return (torch.randn(2, info["seq_len"], info["num_variates"]) * torch.tensor(info["std"])
-                + torch.tensor(info["mean"]),)
+        return raw_series_example(info["seq_len"], info["num_variates"], info["mean"], info["std"])
 
     def io_names(self) -> tuple[list[str], list[str]]:
         return ["series"], ["logits"]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from seqapps.tasks import plotting
-from seqapps.tasks.base import SeqappsModule
+from seqapps.tasks.base import SeqappsModule, StandardisedExport, raw_series_example
 from seqapps.tasks.forecasting.anomaly_data import AnomalyWindows, label_segments
 
 BASELINES = ("zscore", "pca")
@@ -123,7 +123,7 @@ class ScaledScorer(nn.Module):
 
 
 # --------------------------------------------------------------------------- module
-class AnomalyModule(SeqappsModule):
+class AnomalyModule(StandardisedExport, SeqappsModule):
     """Train a reconstructor ``x [B, T, V] -> x̂ [B, T, V]`` (with ``training_loss`` and
     ``anomaly_score``, as :class:`ChimeraReconstructor`) on normal windows; test as the module
     docstring says.
@@ -134,6 +134,8 @@ class AnomalyModule(SeqappsModule):
         baselines: scorers fitted on the training rows, tested the same way: ``zscore``, ``pca``.
         pca_variance: the share of the training variance the ``pca`` baseline keeps.
     """
+
+    export_wrapper = ScaledScorer
 
     def __init__(self, net: Mapping, optimizer: Mapping, scheduler: Mapping | None = None,
                  freeze: str = "full", anomaly_ratio: float = 1.0, baselines: Sequence[str] = BASELINES,
@@ -195,17 +197,9 @@ class AnomalyModule(SeqappsModule):
         self.log_dict(out)
 
     # -- export
-    def export_spec(self) -> dict:
-        return {"_target_": f"{ScaledScorer.__module__}.{ScaledScorer.__qualname__}",
-                "net": self.hparams.net, "mean": self.data_info["mean"], "std": self.data_info["std"]}
-
-    def export_module(self) -> nn.Module:
-        return ScaledScorer(self.net, self.data_info["mean"], self.data_info["std"])
-
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         info = self.data_info
-        return (torch.randn(2, info["win_size"], info["n_in"]) * torch.tensor(info["std"])
-                + torch.tensor(info["mean"]),)
+        return raw_series_example(info["win_size"], info["n_in"], info["mean"], info["std"])
 
     def io_names(self) -> tuple[list[str], list[str]]:
         return ["series"], ["score"]

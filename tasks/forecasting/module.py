@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqapps.tasks import plotting
-from seqapps.tasks.base import SeqappsModule
+from seqapps.tasks.base import SeqappsModule, raw_series_example
 from seqapps.tasks.build import to_plain
 from seqapps.tasks.forecasting.baselines import SeasonalNaive, classic_ar
 from seqapps.tasks.forecasting.metrics import forecast_metrics, stpe
@@ -154,8 +154,7 @@ class ForecastModule(SeqappsModule):
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         info = self.data_info
-        return (torch.randn(2, info["seq_len"], info["n_in"]) * torch.tensor(info["std"])
-                + torch.tensor(info["mean"]),)
+        return raw_series_example(info["seq_len"], info["n_in"], info["mean"], info["std"])
 
     def io_names(self) -> tuple[list[str], list[str]]:
         return ["history"], ["forecast"]
