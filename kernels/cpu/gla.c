@@ -45,35 +45,38 @@
 #define ROWS 4
 typedef float vec __attribute__((vector_size(LANES * 4), aligned(4)));
 
+/* One tile of matmul: rows i .. i+ROWS, columns j .. j + vecs*LANES, kept in registers over the
+ * whole depth. Inlined with vecs a constant, so each width gets its own fully unrolled code. */
+static inline __attribute__((always_inline)) void tile(int i, int j, const int vecs, int depth, const float *a, int lda,
+                                                      const float *b, int ldb, float *c, int ldc, int accumulate) {
+  vec sum[ROWS][4]; /* vecs <= 4 in every configuration */
+  for (int r = 0; r < ROWS; r++)
+    for (int s = 0; s < vecs; s++) sum[r][s] = accumulate ? *(const vec *)(c + (i + r) * ldc + j + s * LANES) : (vec){0};
+  for (int p = 0; p < depth; p++) {
+    vec row[4];
+    for (int s = 0; s < vecs; s++) row[s] = *(const vec *)(b + p * ldb + j + s * LANES);
+    for (int r = 0; r < ROWS; r++) {
+      float x = a[(i + r) * lda + p];
+      for (int s = 0; s < vecs; s++) sum[r][s] += x * row[s];
+    }
+  }
+  for (int r = 0; r < ROWS; r++)
+    for (int s = 0; s < vecs; s++) *(vec *)(c + (i + r) * ldc + j + s * LANES) = sum[r][s];
+}
+
 /* c[m x n] = (accumulate ? c : 0) + a[m x depth] . b[depth x n], row-major with leading dimensions.
- * m % ROWS == 0 and n % 16 == 0 (chunk rows and padded dims are multiples of 16). */
+ * m % ROWS == 0 and n % 16 == 0 (chunk rows and padded dims are multiples of 16): tiles of VECS
+ * vectors, then one narrower tile for what is left of the row (n = 16, 32, 48 are common here). */
 static void matmul(int m, int n, int depth, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
                    int accumulate) {
   for (int i = 0; i < m; i += ROWS) {
     int j = 0;
-    for (; j + LANES * VECS <= n; j += LANES * VECS) {
-      vec sum[ROWS][VECS];
-      for (int r = 0; r < ROWS; r++)
-        for (int s = 0; s < VECS; s++) sum[r][s] = accumulate ? *(const vec *)(c + (i + r) * ldc + j + s * LANES) : (vec){0};
-      for (int p = 0; p < depth; p++) {
-        vec row[VECS];
-        for (int s = 0; s < VECS; s++) row[s] = *(const vec *)(b + p * ldb + j + s * LANES);
-        for (int r = 0; r < ROWS; r++) {
-          float x = a[(i + r) * lda + p];
-          for (int s = 0; s < VECS; s++) sum[r][s] += x * row[s];
-        }
-      }
-      for (int r = 0; r < ROWS; r++)
-        for (int s = 0; s < VECS; s++) *(vec *)(c + (i + r) * ldc + j + s * LANES) = sum[r][s];
-    }
-    for (; j < n; j += LANES) {
-      vec sum[ROWS];
-      for (int r = 0; r < ROWS; r++) sum[r] = accumulate ? *(const vec *)(c + (i + r) * ldc + j) : (vec){0};
-      for (int p = 0; p < depth; p++) {
-        vec row = *(const vec *)(b + p * ldb + j);
-        for (int r = 0; r < ROWS; r++) sum[r] += a[(i + r) * lda + p] * row;
-      }
-      for (int r = 0; r < ROWS; r++) *(vec *)(c + (i + r) * ldc + j) = sum[r];
+    for (; j + LANES * VECS <= n; j += LANES * VECS) tile(i, j, VECS, depth, a, lda, b, ldb, c, ldc, accumulate);
+    switch ((n - j) / LANES) {
+      case 3: tile(i, j, 3, depth, a, lda, b, ldb, c, ldc, accumulate); break;
+      case 2: tile(i, j, 2, depth, a, lda, b, ldb, c, ldc, accumulate); break;
+      case 1: tile(i, j, 1, depth, a, lda, b, ldb, c, ldc, accumulate); break;
+      default: break;
     }
   }
 }

@@ -4,6 +4,7 @@ what happens where it cannot be built. Its numbers against ``recurrent`` are in 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -125,3 +126,26 @@ def test_without_the_kernel_auto_falls_back_and_cpu_says_why(tmp_path, env):
         assert result.stderr.count("could not be built") == 1, result.stderr  # one warning, not one per call
         cache = tmp_path / "cache" / "kernels"
         assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
+
+
+_NARROW_SIMD = """
+import torch
+from seqapps.kernels.gla import gated_linear_attention
+gen = torch.Generator().manual_seed(0)
+q, k = torch.randn(2, 150, 2, 24, generator=gen), torch.randn(2, 150, 2, 24, generator=gen)
+v, g = torch.randn(2, 150, 2, 40, generator=gen), -torch.rand(2, 150, 2, 24, generator=gen)
+got, ref = (gated_linear_attention(q, k, v, g, backend=b)[0] for b in ("cpu", "recurrent"))
+print("rel", ((got - ref).norm() / ref.norm()).item())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 SIMD flags")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx -mno-avx2 -mno-avx512f"], ids=["AVX2", "SSE"])
+def test_narrower_simd_builds_agree(tmp_path, flags):
+    """The vector width is chosen at compile time (16 lanes with AVX-512, 8 with AVX2, 4 otherwise):
+    a laptop without AVX-512 gets the other two; both must give the same numbers."""
+    environment = {**os.environ, "SEQAPPS_CACHE": str(tmp_path), "SEQAPPS_CFLAGS": flags}
+    result = subprocess.run([sys.executable, "-c", _NARROW_SIMD], capture_output=True, text=True, env=environment,
+                            timeout=300, check=True)
+    assert "could not be built" not in result.stderr, result.stderr
+    assert float(result.stdout.split()[-1]) < 1e-5, result.stdout
