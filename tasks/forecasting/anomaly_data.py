@@ -32,13 +32,26 @@ standard deviations off), ``level_shift`` (8-24 steps of one channel offset by 2
 deviations) and ``cross_variate`` (12-30 steps of module temperature or power replaced by the
 same hours of another day whose irradiance differs most: every channel keeps values it really
 takes, only the relation between the channels breaks).
+
+``dataset=daphnet``: :func:`daphnet_frames`, a real recording that ``aeon`` (< 1.7, ``pip install
+"seqapps[series]"``) ships: Daphnet freezing-of-gait S06R02E0 (TimeEval's copy), 7040 rows at
+64 Hz (110 s: about 20 s standing, then walking) of 3 acceleration sensors (ankle, upper leg,
+trunk) x 3 axes, not downsampled. Split in time order: the first 60 % (4224 rows) is
+``train.csv``, taken as normal (TimeEval's semi-supervised setting), the rest (2816 rows) the
+test. The excerpt carries no labelled freezing episode (``is_anomaly`` is 0 in every row; aeon
+1.6 deprecates it for that), so the test labels are segments injected into the real signal as
+for ``pv_plant``: ``spike`` (1-3 rows), ``level_shift`` (16-48 rows, a sensor offset) and
+``cross_variate`` (32-64 rows, 0.5-1 s, of one channel replaced by its own values 1-10 s away:
+a real gait waveform, out of step with the other sensors).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +64,6 @@ from seqapps.tasks.forecasting.data import _names, check_frame, weather_frame
 from seqapps.tasks.splits import SplitsDataModule
 
 LAYOUT = "the Time-Series-Library anomaly layout: train.csv, test.csv, test_label.csv"
-BUNDLED = ("pv_plant",)
 KINDS = ("spike", "level_shift", "cross_variate")
 
 # The weather channels a plant's sensors measure (pvlib's TMY3 names) and the two simulated ones,
@@ -92,49 +104,140 @@ def sensor_frames(seed: int = 0, train_fraction: float = 0.6, counts: dict | Non
     return train, test, label_frame, kinds
 
 
-def inject_anomalies(test: pd.DataFrame, std: np.ndarray, counts: dict, rng: np.random.Generator
-                     ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """Inject labelled segments (spaced at least 48 steps apart) into a copy of ``test``."""
+@dataclass(frozen=True)
+class InjectionPlan:
+    """Where and how :func:`inject_anomalies` places each kind of segment in a data set.
+
+    ``lengths``: ``kind -> (min, max)`` rows; ``level_channels``/``swap_channels``: the channels a
+    ``level_shift``/``cross_variate`` segment may hit; ``lags``: the candidate offsets (rows) of
+    the stretch a ``cross_variate`` segment copies in, the one where ``driver`` (``None``: the
+    swapped channel itself) differs most from the original is taken; such a segment is only
+    placed where ``driver`` reaches ``min_driver``; ``margin``: free rows around every segment.
+    """
+
+    channels: tuple[str, ...]
+    lengths: dict
+    level_channels: tuple[str, ...]
+    swap_channels: tuple[str, ...]
+    lags: tuple[int, ...]
+    driver: str | None = None
+    min_driver: float = -np.inf
+    margin: int = 48
+
+
+PV_PLAN = InjectionPlan(
+    channels=tuple(SENSOR_CHANNELS), lengths={"spike": (1, 3), "level_shift": (8, 24), "cross_variate": (12, 30)},
+    level_channels=("temp_air", "temp_dew", "relative_humidity", "pressure", "temp_module"),
+    swap_channels=("temp_module", "power_kw"), lags=tuple(24 * d for d in range(-20, 21) if d),
+    driver="ghi", min_driver=200.0)  # the same hours of the day whose irradiance differs most, in daylight
+
+
+def inject_anomalies(test: pd.DataFrame, std: np.ndarray, counts: dict, rng: np.random.Generator,
+                     plan: InjectionPlan = PV_PLAN) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """Inject labelled segments (``plan.margin`` rows apart) into a copy of ``test``: ``spike``
+    (one channel 5-8 training standard deviations ``std [V]`` off), ``level_shift`` (one channel
+    offset by 2-3 of them), ``cross_variate`` (one channel replaced by its own values elsewhere
+    in ``test``: in range, out of step with the other channels)."""
     test = test.copy()
-    clean = test[SENSOR_CHANNELS].to_numpy().copy()
+    channels = list(plan.channels)
+    clean = test[channels].to_numpy().copy()
     values = clean.copy()
-    n = len(values)
+    n, margin = len(values), plan.margin
     labels = np.zeros(n, dtype=np.int64)
     jobs = [k for k in KINDS for _ in range(counts.get(k, 0))]
     rng.shuffle(jobs)
     rows, taken = [], np.zeros(n, dtype=bool)
-    ghi = clean[:, SENSOR_CHANNELS.index("ghi")]
+    driver = None if plan.driver is None else clean[:, channels.index(plan.driver)]
     for kind in jobs:
-        length = {"spike": (1, 3), "level_shift": (8, 24), "cross_variate": (12, 30)}[kind]
+        length = plan.lengths[kind]
         length = int(rng.integers(length[0], length[1] + 1))
         for _ in range(1000):  # a free place, away from the others and from the ends
-            start = int(rng.integers(48, n - length - 48))
-            if kind == "cross_variate" and ghi[start:start + length].max() < 200:
-                continue  # needs daylight, where the channels are coupled
-            if not taken[start - 48:start + length + 48].any():
+            start = int(rng.integers(margin, n - length - margin))
+            if kind == "cross_variate" and driver is not None and driver[start:start + length].max() < plan.min_driver:
+                continue  # e.g. needs daylight, where the channels are coupled
+            if not taken[start - margin:start + length + margin].any():
                 break
         else:
             raise InputError(f"cannot place {len(jobs)} anomaly segments in {n} test rows; ask for fewer")
         end = start + length
         if kind == "spike":
-            channel = int(rng.integers(len(SENSOR_CHANNELS)))
+            channel = int(rng.integers(len(channels)))
             values[start:end, channel] += rng.choice([-1, 1]) * rng.uniform(5, 8) * std[channel]
         elif kind == "level_shift":
-            channel = int(rng.choice([SENSOR_CHANNELS.index(c) for c in
-                                      ("temp_air", "temp_dew", "relative_humidity", "pressure", "temp_module")]))
+            channel = int(rng.choice([channels.index(c) for c in plan.level_channels]))
             values[start:end, channel] += rng.choice([-1, 1]) * rng.uniform(2, 3) * std[channel]
-        else:  # the same hours of the day whose irradiance differs most, within +-20 days
-            channel = SENSOR_CHANNELS.index(rng.choice(["temp_module", "power_kw"]))
-            lags = [24 * d for d in range(-20, 21) if d and 0 <= start + 24 * d and end + 24 * d <= n]
-            gap = [np.abs(ghi[start + lag:end + lag] - ghi[start:end]).mean() for lag in lags]
+        else:
+            channel = channels.index(rng.choice(list(plan.swap_channels)))
+            ref = clean[:, channel] if driver is None else driver
+            lags = [lag for lag in plan.lags if 0 <= start + lag and end + lag <= n]
+            gap = [np.abs(ref[start + lag:end + lag] - ref[start:end]).mean() for lag in lags]
             lag = lags[int(np.argmax(gap))]
             values[start:end, channel] = clean[start + lag:end + lag, channel]
         labels[start:end] = 1
         taken[start:end] = True
-        rows.append({"start": start, "end": end, "kind": kind, "channel": SENSOR_CHANNELS[channel]})
-    test[SENSOR_CHANNELS] = values
+        rows.append({"start": start, "end": end, "kind": kind, "channel": channels[channel]})
+    test[channels] = values
     kinds = pd.DataFrame(rows, columns=["start", "end", "kind", "channel"]).sort_values("start")
     return test, labels, kinds.reset_index(drop=True)
+
+
+# Daphnet freezing-of-gait, recording S06R02E0 as TimeEval ships it (inside aeon < 1.7): 64 Hz,
+# 3 acceleration sensors (ankle, upper leg, trunk) x 3 axes, in milli-g.
+DAPHNET_FILE = ("datasets", "data", "Daphnet_S06R02E0", "S06R02E0.csv")
+DAPHNET_CHANNELS = ["ankle_horiz_fwd", "ankle_vert", "ankle_horiz_lateral", "leg_horiz_fwd", "leg_vert",
+                    "leg_horiz_lateral", "trunk_horiz_fwd", "trunk_vert", "trunk_horiz_lateral"]
+DAPHNET_PLAN = InjectionPlan(
+    channels=tuple(DAPHNET_CHANNELS), lengths={"spike": (1, 3), "level_shift": (16, 48), "cross_variate": (32, 64)},
+    level_channels=tuple(DAPHNET_CHANNELS), swap_channels=tuple(DAPHNET_CHANNELS),
+    lags=tuple(d for d in range(-640, 641, 4) if abs(d) >= 64), margin=64)  # 1-10 s away; 1 s apart
+
+
+def daphnet_recording() -> pd.DataFrame:
+    """The Daphnet S06R02E0 recording bundled with ``aeon``: ``timestamp``, the 9 channels of
+    :data:`DAPHNET_CHANNELS`, ``is_anomaly`` (7040 rows)."""
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or spec.origin is None:
+        raise InputError('data.dataset=daphnet reads the Daphnet recording bundled with aeon: pip install "seqapps[series]"')
+    path = Path(spec.origin).parent.joinpath(*DAPHNET_FILE)
+    if not path.is_file():
+        raise InputError(f"data.dataset=daphnet: the installed aeon has no {'/'.join(DAPHNET_FILE)} (aeon 1.7 "
+                         'dropped it); pip install "seqapps[series]" "aeon<1.7"')
+    frame = pd.read_csv(path)
+    missing = [c for c in ("timestamp", *DAPHNET_CHANNELS, "is_anomaly") if c not in frame.columns]
+    if missing:
+        raise InputError(f"data.dataset=daphnet: '{path}' has no column {missing[0]!r}; expected timestamp, "
+                         f"{_names(DAPHNET_CHANNELS)}, is_anomaly")
+    check_frame(frame, str(path), [*DAPHNET_CHANNELS, "is_anomaly"])
+    return frame
+
+
+def daphnet_frames(seed: int = 0, train_fraction: float = 0.6, counts: dict | None = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The Daphnet set: ``(train, test, test_label, anomaly_kinds)`` frames as :func:`sensor_frames`.
+
+    The recording is split in time order, the first ``train_fraction`` training (taken as normal,
+    TimeEval's semi-supervised setting; none of its rows is labelled). The shipped excerpt has no
+    labelled freezing-of-gait episode at all (``is_anomaly`` is 0 throughout, why aeon 1.6
+    deprecates it), so labelled segments are injected into the test part with
+    :data:`DAPHNET_PLAN` (default 6 spikes, 5 level shifts, 5 cross-variate); a row the file
+    labels stays labelled (kind ``freeze_of_gait``).
+    """
+    rng = np.random.default_rng(seed)
+    frame = daphnet_recording()
+    n_train = int(len(frame) * train_fraction)
+    file_labels = frame["is_anomaly"].to_numpy().astype(np.int64)
+    frame = frame[["timestamp", *DAPHNET_CHANNELS]].astype({c: np.float64 for c in DAPHNET_CHANNELS})
+    train, test = frame.iloc[:n_train].reset_index(drop=True), frame.iloc[n_train:].reset_index(drop=True)
+    std = train[DAPHNET_CHANNELS].std().to_numpy()
+    counts = {"spike": 6, "level_shift": 5, "cross_variate": 5, **(counts or {})}
+    test, labels, kinds = inject_anomalies(test, std, counts, rng, DAPHNET_PLAN)
+    recorded = file_labels[n_train:]
+    if recorded.any():
+        fog = pd.DataFrame([{"start": s, "end": e, "kind": "freeze_of_gait", "channel": "all"}
+                            for s, e in label_segments(recorded)])
+        kinds = pd.concat([kinds, fog]).sort_values("start").reset_index(drop=True)
+    label_frame = pd.DataFrame({"timestamp": test["timestamp"], "label": labels | recorded})
+    return train, test, label_frame, kinds
 
 
 def write_sensor_anomalies(folder: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
@@ -161,6 +264,9 @@ def write_sensor_anomalies(folder: str | os.PathLike, seed: int = 0, **kwargs) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+BUNDLED = {"pv_plant": sensor_frames, "daphnet": daphnet_frames}  # data.dataset -> (train, test, labels, kinds)
 
 
 # --------------------------------------------------------------------------- reader
@@ -234,7 +340,7 @@ class AnomalyWindows(Dataset):
 
     def __init__(self, data: np.ndarray, win_size: int, step: int, labels: np.ndarray | None = None):
         self.data = torch.as_tensor(data, dtype=torch.float32)
-        self.labels = torch.as_tensor(np.zeros(len(data)) if labels is None else labels, dtype=torch.long)
+        self.labels = torch.as_tensor(np.zeros(len(data)) if labels is None else np.array(labels), dtype=torch.long)
         self.win_size = win_size
         self.starts = window_starts(len(data), win_size, step)
 
@@ -252,7 +358,7 @@ class AnomalyDataModule(SplitsDataModule):
 
     Args:
         path: a folder in the Time-Series-Library anomaly layout (module docstring); when
-            ``None``, the bundled ``dataset`` (``pv_plant``) is generated in memory.
+            ``None``, the bundled ``dataset`` (``pv_plant`` or ``daphnet``) is made in memory.
         win_size: rows per window (100 in the Time-Series-Library protocol).
         step: stride of the training windows (1 in that protocol).
         val_fraction: the last share of the training rows held out for validation.
@@ -278,10 +384,11 @@ class AnomalyDataModule(SplitsDataModule):
         if self.path:
             raw, self.source = read_anomaly_folder(self.path), str(self.path)
         elif self.dataset in BUNDLED:
-            train, test, labels, kinds = sensor_frames(seed=self.generator_seed)
-            raw = {"train": train[SENSOR_CHANNELS].to_numpy(np.float64),
-                   "test": test[SENSOR_CHANNELS].to_numpy(np.float64), "labels": labels["label"].to_numpy(),
-                   "columns": list(SENSOR_CHANNELS), "segments": kinds.to_dict("records")}
+            train, test, labels, kinds = BUNDLED[self.dataset](seed=self.generator_seed)
+            channels = [str(c) for c in train.columns[1:]]
+            raw = {"train": train[channels].to_numpy(np.float64),
+                   "test": test[channels].to_numpy(np.float64), "labels": labels["label"].to_numpy(),
+                   "columns": channels, "segments": kinds.to_dict("records")}
             self.source = f"dataset '{self.dataset}'"
         else:
             raise InputError(f"data.dataset='{self.dataset}' is not a bundled dataset; choose one of "

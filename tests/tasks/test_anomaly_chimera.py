@@ -5,6 +5,7 @@ injected anomalies above normal steps."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -16,8 +17,9 @@ import torch
 from seqapps.config import compose
 from seqapps.errors import InputError
 from seqapps.tasks.forecasting.anomaly import PCAScorer, detection_metrics, point_adjust
-from seqapps.tasks.forecasting.anomaly_data import (SENSOR_CHANNELS, AnomalyDataModule, read_anomaly_folder,
-                                                    write_sensor_anomalies)
+from seqapps.tasks.forecasting import anomaly_data
+from seqapps.tasks.forecasting.anomaly_data import (DAPHNET_CHANNELS, SENSOR_CHANNELS, AnomalyDataModule,
+                                                    daphnet_recording, read_anomaly_folder, write_sensor_anomalies)
 from seqapps.tasks.forecasting.chimera import ChimeraReconstructor
 from seqapps.train import run_train
 from conftest import run_cli
@@ -130,6 +132,44 @@ def test_generator_writes_the_layout_with_anomalies_only_in_test(tmp_path):
         write_sensor_anomalies(folder)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("aeon") is None, reason="the Daphnet recording ships inside aeon")
+def test_daphnet_splits_the_real_recording_and_labels_injected_test_segments():
+    recording = daphnet_recording()
+    assert recording.shape == (7040, 11) and recording["is_anomaly"].sum() == 0  # the excerpt: no labelled episode
+    dm = AnomalyDataModule(dataset="daphnet", win_size=100, step=4, batch_size=8)
+    dm.load()
+    raw = recording[DAPHNET_CHANNELS].to_numpy(np.float64)
+    assert dm.columns == DAPHNET_CHANNELS and dm.info()["n_in"] == 9
+    assert dm.train_series.shape == (4224, 9) and dm.test_series.shape == (2816, 9)
+    np.testing.assert_allclose(dm.mean, raw[:4224].mean(0))  # training rows only, in time order
+    np.testing.assert_allclose(dm.std, raw[:4224].std(0))
+    np.testing.assert_allclose(dm.train_series * dm.std + dm.mean, raw[:4224], atol=1e-9)  # train is the untouched recording
+    labels = dm.test_labels
+    assert labels.shape == (2816,) and 0.05 < labels.mean() < 0.25
+    assert {s["kind"] for s in dm.segments} == {"spike", "level_shift", "cross_variate"}
+    assert labels.sum() == sum(s["end"] - s["start"] for s in dm.segments)
+    test = dm.test_series * dm.std + dm.mean
+    changed = ~np.isclose(test, raw[4224:]).all(1)
+    assert not (changed & (labels == 0)).any()  # only labelled rows differ from the recording
+    for seg in (s for s in dm.segments if s["kind"] == "cross_variate"):
+        c, rows = DAPHNET_CHANNELS.index(seg["channel"]), slice(seg["start"], seg["end"])
+        others = [i for i in range(9) if i != c]
+        np.testing.assert_allclose(test[rows][:, others], raw[4224:][rows][:, others])
+        lags = [lag for lag in range(-640, 641) if abs(lag) >= 64 and 0 <= seg["start"] + lag
+                and seg["end"] + lag <= 2816 and np.allclose(raw[4224 + seg["start"] + lag:4224 + seg["end"] + lag, c],
+                                                             test[rows, c])]
+        assert lags  # the channel's own real values from 1-10 s away
+    x, window_labels, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (8, 100, 9) and window_labels.shape == (8, 100)
+
+
+def test_daphnet_without_aeon_is_refused_with_one_line(monkeypatch):
+    monkeypatch.setattr(anomaly_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=re.escape('pip install "seqapps[series]"')) as err:
+        AnomalyDataModule(dataset="daphnet").load()
+    assert "\n" not in str(err.value) and "aeon" in str(err.value)
+
+
 # --------------------------------------------------------------------------- metrics
 def test_threshold_point_adjustment_and_f1_on_hand_made_scores():
     train = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
@@ -197,9 +237,11 @@ def test_train_scores_injected_anomalies_above_normal_steps(tmp_path):
     assert metrics["test/model/hit_spike"] == 1.0
 
 
-@pytest.mark.parametrize("name, cross_variate", [("anomaly_chimera", True), ("anomaly_chimera_nocross", False)])
+@pytest.mark.parametrize("name, cross_variate", [("anomaly_chimera", True), ("anomaly_chimera_nocross", False),
+                                                 ("anomaly_daphnet", True), ("anomaly_daphnet_nocross", False)])
 def test_experiments_compose(name, cross_variate):
     cfg = compose("train", [f"experiment={name}"])
     assert cfg.experiment_name == name and cfg.task_name == "anomaly_chimera"
+    assert cfg.data.dataset == ("daphnet" if "daphnet" in name else "pv_plant")
     assert cfg.module.net._target_.endswith("ChimeraReconstructor") and cfg.data.win_size == 100
     assert cfg.backbone.mixer.name == "chimera" and cfg.backbone.mixer.cross_variate is cross_variate
