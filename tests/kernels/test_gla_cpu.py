@@ -103,7 +103,7 @@ except InputError as error:
 def _probe(tmp_path, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "SEQAPPS_CACHE": str(tmp_path / "cache"), **env}
     return subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=environment,
-                          timeout=300, check=True)
+                          timeout=300, check=True, cwd=tmp_path)  # not the checkout: its folders shadow the install
 
 
 def test_builds_into_the_cache_and_reuses_it(tmp_path):
@@ -146,6 +146,6 @@ def test_narrower_simd_builds_agree(tmp_path, flags):
     a laptop without AVX-512 gets the other two; both must give the same numbers."""
     environment = {**os.environ, "SEQAPPS_CACHE": str(tmp_path), "SEQAPPS_CFLAGS": flags}
     result = subprocess.run([sys.executable, "-c", _NARROW_SIMD], capture_output=True, text=True, env=environment,
-                            timeout=300, check=True)
+                            timeout=300, check=True, cwd=tmp_path)
     assert "could not be built" not in result.stderr, result.stderr
     assert float(result.stdout.split()[-1]) < 1e-5, result.stdout
