@@ -20,7 +20,9 @@ Evaluation, as the Time-Series-Library's anomaly-detection experiment:
 The test table has one row per scorer: ``model`` and the baselines fitted on the training rows
 only, ``zscore`` (the mean over the variates of the squared training z-score of the step) and
 ``pca`` (the squared residual of the step's variates after projection on the principal components
-of the training rows that explain ``pca_variance`` of their variance).
+of the training rows that explain ``pca_variance`` of their variance), and ``random`` (uniform
+scores, seeded): what point adjustment alone makes of scores that know nothing, the floor against
+which the ``*_pa`` columns mean anything (on long labelled segments it is high).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from seqapps.errors import InputError
 from seqapps.tasks import plotting
 from seqapps.tasks.base import SeqappsModule, StandardisedExport, raw_series_example
 from seqapps.tasks.forecasting.anomaly_data import AnomalyWindows, label_segments
 
-BASELINES = ("zscore", "pca")
+BASELINES = ("zscore", "pca", "random")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -131,7 +134,8 @@ class AnomalyModule(StandardisedExport, SeqappsModule):
     Args:
         anomaly_ratio: the share (in %) of all train and test steps above the threshold (the
             Time-Series-Library uses 1 for PSM, MSL, SMAP and SWaT, 0.5 for SMD).
-        baselines: scorers fitted on the training rows, tested the same way: ``zscore``, ``pca``.
+        baselines: scorers tested the same way: ``zscore``, ``pca`` (fitted on the training rows),
+            ``random``.
         pca_variance: the share of the training variance the ``pca`` baseline keeps.
     """
 
@@ -140,6 +144,9 @@ class AnomalyModule(StandardisedExport, SeqappsModule):
     def __init__(self, net: Mapping, optimizer: Mapping, scheduler: Mapping | None = None,
                  freeze: str = "full", anomaly_ratio: float = 1.0, baselines: Sequence[str] = BASELINES,
                  pca_variance: float = 0.9):
+        unknown = [name for name in baselines if name not in BASELINES]
+        if unknown:
+            raise InputError(f"module.baselines: unknown baseline '{unknown[0]}'; choose from {', '.join(BASELINES)}")
         super().__init__(net, optimizer, scheduler, freeze)
         self.save_hyperparameters({"anomaly_ratio": float(anomaly_ratio), "baselines": list(baselines),
                                    "pca_variance": float(pca_variance)})
@@ -189,6 +196,9 @@ class AnomalyModule(StandardisedExport, SeqappsModule):
         if "pca" in self.hparams.baselines:
             pca = PCAScorer(dm.splits["train"].data.numpy(), self.hparams.pca_variance)  # the training rows only
             scores["pca"] = (pca(dm.train_series), pca(dm.test_series))
+        if "random" in self.hparams.baselines:
+            draw = np.random.default_rng(0).random
+            scores["random"] = (draw(len(dm.train_series)), draw(len(dm.test_series)))
         out, self.last_scores = {}, {}
         for name, (train, test) in scores.items():
             metrics = detection_metrics(train, test, dm.test_labels, self.hparams.anomaly_ratio, dm.segments)

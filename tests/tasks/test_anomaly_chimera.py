@@ -236,7 +236,8 @@ def test_train_scores_injected_anomalies_above_normal_steps(tmp_path):
                             f"paths.runs={tmp_path / 'runs'}", *QUIET])
     run_dir = run_train(cfg)
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
-    assert {"test/model/f1", "test/model/f1_pa", "test/pca/f1_pa", "test/zscore/recall"} <= set(metrics)
+    assert {"test/model/f1", "test/model/f1_pa", "test/pca/f1_pa", "test/zscore/recall",
+            "test/random/f1_pa"} <= set(metrics)
     table = pd.read_csv(run_dir / "plots" / "anomaly_scores.csv")
     assert (run_dir / "plots" / "anomaly_scores.png").stat().st_size > 0
     normal = table.loc[table["label"] == 0, "model_score"].mean()
@@ -253,3 +254,11 @@ def test_experiments_compose(name, cross_variate):
     assert cfg.data.dataset == ("daphnet" if "daphnet" in name else "pv_plant")
     assert cfg.module.net._target_.endswith("ChimeraReconstructor") and cfg.data.win_size == 100
     assert cfg.backbone.mixer.name == "chimera" and cfg.backbone.mixer.cross_variate is cross_variate
+
+
+def test_an_unknown_baseline_is_refused_with_one_line():
+    from seqapps.tasks.forecasting.anomaly import AnomalyModule
+
+    with pytest.raises(InputError, match="unknown baseline 'iforest'; choose from zscore, pca, random") as error:
+        AnomalyModule(net={}, optimizer={}, baselines=["pca", "iforest"])
+    assert "\n" not in str(error.value)
