@@ -492,6 +492,10 @@ static Problem problem(int batch, int length, int heads, int key_dim, int value_
   return p;
 }
 
+/* Forward: o [B, T, H, V]; the state entering every chunk into states [B, H, n_chunks, Kp, Vp]
+ * (Kp, Vp the dims rounded up to 16; NULL when no gradient will be asked for); the last state
+ * into final [B, H, K, V] (NULL: not kept). initial [B, H, K, V] or NULL (zeros). Returns 0, or
+ * a negative status (bad chunk size, no memory for a workspace, no thread). */
 int gla_forward(int batch, int length, int heads, int key_dim, int value_dim, int per_key, int chunk, float scale,
                 int threads, const float *q, const float *k, const float *v, const float *g, const float *initial,
                 float *o, float *states, float *final) {
@@ -501,6 +505,8 @@ int gla_forward(int batch, int length, int heads, int key_dim, int value_dim, in
   return run(&p, 0);
 }
 
+/* Backward: from d_o [B, T, H, V] and d_final [B, H, K, V] (NULL: zeros), with the forward's
+ * states, the gradients dq, dk, dv, dg (g's shape) and d_initial (NULL: not wanted). */
 int gla_backward(int batch, int length, int heads, int key_dim, int value_dim, int per_key, int chunk, float scale,
                  int threads, const float *q, const float *k, const float *v, const float *g, const float *states,
                  const float *d_o, const float *d_final, float *dq, float *dk, float *dv, float *dg,
@@ -511,6 +517,3 @@ int gla_backward(int batch, int length, int heads, int key_dim, int value_dim, i
   p.dq = dq, p.dk = dk, p.dv = dv, p.dg = dg, p.d_initial = d_initial;
   return run(&p, 1);
 }
-
-/* The padded sizes the caller allocates the states buffer with: [B, H, n_chunks, Kp, Vp]. */
-int gla_padded(int dim) { return (dim + 15) / 16 * 16; }
