@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from seqapps.errors import InputError
+from seqapps.kernels.gla import gla_cpu_available
 
 OPS = ("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block", "lightnet_image")
 
@@ -246,16 +247,10 @@ def _backends_for(op: str, backends, dev, fla: bool) -> list[str]:
     if op == "lightnet_image":
         return ["native", "scan4"]
     chosen = [b for b in backends if (b != "triton" or dev.type == "cuda")
-              and (b != "cpu" or (dev.type == "cpu" and op in ("gla", "gla_scalar") and _cpu_kernel_built()))]
+              and (b != "cpu" or (dev.type == "cpu" and op in ("gla", "gla_scalar") and gla_cpu_available()))]
     if fla and dev.type == "cuda" and op in ("gla", "gla_scalar"):
         chosen.append("fla")
     return chosen
-
-
-def _cpu_kernel_built() -> bool:
-    from seqapps.kernels.gla_cpu import available
-
-    return available()
 
 
 def _measure(op, backend, T, mode, batch, heads, dim, dev, dt, warmup, repeats, mamba_d_model) -> Case:

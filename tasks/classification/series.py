@@ -6,12 +6,12 @@ the share of the official test cases classified right).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from seqapps.tasks.base import StandardisedExport, raw_series_example
+from seqapps.tasks.base import Standardised, StandardisedExport, raw_series_example
 from seqapps.tasks.classification.module import ClassifyModule
 from seqapps.tasks.forecasting.chimera import SeriesEncoder
 
@@ -44,18 +44,12 @@ class SeriesClassifier(nn.Module):
         return self.head(self.dropout(self.forward_features(x)))
 
 
-class ChannelStandardised(nn.Module):
+class ChannelStandardised(Standardised):
     """``net`` on raw series: ``x [B, T, C]`` standardised per channel with the training
     statistics, missing values (NaN) set to the channel mean, as in training."""
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scaled = (x - self.mean) / self.std
+        scaled = self.standardise(x)
         return self.net(torch.where(torch.isnan(scaled), torch.zeros_like(scaled), scaled))
 
 

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from seqapps.errors import InputError
 from seqapps.tasks import plotting
-from seqapps.tasks.base import SeqappsModule, StandardisedExport, raw_series_example
+from seqapps.tasks.base import SeqappsModule, Standardised, StandardisedExport, raw_series_example
 from seqapps.tasks.forecasting.anomaly_data import AnomalyWindows, label_segments
 
 BASELINES = ("zscore", "pca", "random")
@@ -111,18 +110,12 @@ class PCAScorer:
 
 
 # --------------------------------------------------------------------------- export
-class ScaledScorer(nn.Module):
+class ScaledScorer(Standardised):
     """Raw windows ``x [B, T, V]`` -> anomaly scores ``[B, T]``: the training scaling, then the
     reconstructor's :meth:`anomaly_score` (the threshold is in ``config.yaml``'s metrics)."""
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.anomaly_score((x - self.mean) / self.std)
+        return self.net.anomaly_score(self.standardise(x))
 
 
 # --------------------------------------------------------------------------- module

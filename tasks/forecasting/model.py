@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from seqapps.errors import InputError
+from seqapps.tasks.base import Standardised
 
 
 class ARNet(nn.Module):
@@ -101,7 +102,7 @@ def sparsity_lambda(sparsity: float, c_lambda: float = 0.02) -> float:
     return c_lambda * (1.0 / sparsity - 1.0)
 
 
-class ScaledForecaster(nn.Module):
+class ScaledForecaster(Standardised):
     """A forecaster in original units: standardise the history with the training statistics,
     forecast, and undo the scaling of the target channels.
 
@@ -110,13 +111,9 @@ class ScaledForecaster(nn.Module):
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], n_out: int = 1):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
+        super().__init__(net, mean, std)
         self.n_out = n_out
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
-        scaled = (history - self.mean) / self.std
-        out = self.net(scaled)
+        out = self.net(self.standardise(history))
         return out * self.std[-self.n_out:] + self.mean[-self.n_out:]
