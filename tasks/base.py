@@ -21,20 +21,6 @@ def class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class Standardised(nn.Module):
-    """``net`` behind the training data's per-channel standardisation: the common part of the
-    exported modules that take raw series ``[B, T, C]`` (subclasses say what ``forward`` returns)."""
-
-    def __init__(self, net: nn.Module, mean, std):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
-
-    def standardise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
 def raw_series_example(length: int, width: int, mean, std) -> tuple[torch.Tensor]:
     """An export example on the data's own scale: two random series ``[2, length, width]`` with the
     per-channel ``mean`` and ``std`` the exported module standardises with."""

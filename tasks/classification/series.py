@@ -11,9 +11,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from seqapps.tasks.base import Standardised, StandardisedExport, raw_series_example
+from seqapps.tasks.base import StandardisedExport, raw_series_example
 from seqapps.tasks.classification.module import ClassifyModule
 from seqapps.tasks.forecasting.chimera import SeriesEncoder
+from seqapps.tasks.standardised import Standardised
 
 
 class SeriesClassifier(nn.Module):

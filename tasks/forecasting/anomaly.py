@@ -35,8 +35,9 @@ import torch
 
 from seqapps.errors import InputError
 from seqapps.tasks import plotting
-from seqapps.tasks.base import SeqappsModule, Standardised, StandardisedExport, raw_series_example
+from seqapps.tasks.base import SeqappsModule, StandardisedExport, raw_series_example
 from seqapps.tasks.forecasting.anomaly_data import AnomalyWindows, label_segments
+from seqapps.tasks.standardised import Standardised
 
 BASELINES = ("zscore", "pca", "random")
 

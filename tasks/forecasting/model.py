@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from seqapps.errors import InputError
-from seqapps.tasks.base import Standardised
+from seqapps.tasks.standardised import Standardised
 
 
 class ARNet(nn.Module):
