@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import seqapps
 from seqapps.errors import InputError
-from seqapps.runs import load_module
+from seqapps.runs import load_module, run_test_metrics
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, tolerance: float = 1e-4,
@@ -34,8 +34,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, tolerance: float = 1e-4
     with onnxruntime), for a recurrent model ``step.onnx`` (see :func:`export_step_onnx`), and
     ``README.md`` for ``ckpt`` into the folder ``out``.
 
+    ``metrics`` (for the model card and ``config.yaml``): by default the test metrics of the
+    checkpoint's run, when it was tested.
+
     Returns a summary: the folder, the largest ONNX difference (of both files), the parameter count.
     """
+    metrics = run_test_metrics(ckpt) if metrics is None else metrics
     module = load_module(ckpt)
     model = module.export_module().eval()
     out = Path(out)

@@ -11,18 +11,23 @@ from seqapps.runs import atomic_write_text
 
 
 def load_for_predict(source: str):
-    """``(model, data_info, predictor path)`` from an export folder, run folder or checkpoint."""
+    """``(model, data_info, predictor path)`` from an export folder, run folder or checkpoint.
+    ``data_info["test_metrics"]`` holds the run's test metrics (empty when it was not tested),
+    e.g. the anomaly threshold."""
     path = Path(source)
     if (path / "model.safetensors").is_file():
         from seqapps.hub import load
 
         model = load(path)
-        return model, model.seqapps_config["data"], model.seqapps_config.get("predictor")
+        info = {**model.seqapps_config["data"], "test_metrics": model.seqapps_config.get("metrics") or {}}
+        return model, info, model.seqapps_config.get("predictor")
     if path.is_dir() or path.is_file():
-        from seqapps.runs import load_module, resolve_checkpoint
+        from seqapps.runs import load_module, resolve_checkpoint, run_test_metrics
 
-        module = load_module(resolve_checkpoint(str(path), None) if path.is_dir() else path)
-        return module.export_module().eval(), module.data_info, module.predictor
+        ckpt = resolve_checkpoint(str(path), None) if path.is_dir() else path
+        module = load_module(ckpt)
+        info = {**module.data_info, "test_metrics": run_test_metrics(ckpt)}
+        return module.export_module().eval(), info, module.predictor
     raise InputError(f"model: nothing at '{source}'; give an export folder, a run folder or a .ckpt file")
 
 
@@ -32,8 +37,9 @@ def run_predict(cfg: DictConfig) -> Path:
     model, info, predictor = load_for_predict(cfg.model)
     if not predictor:
         raise InputError(f"model: '{cfg.model}' names no predictor, so it cannot run on files")
-    result = locate(predictor)(model, info, cfg.input)
-    out = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(".forecast.csv")
+    predict = locate(predictor)
+    result = predict(model, info, cfg.input)
+    out = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(getattr(predict, "output_suffix", ".forecast.csv"))
     atomic_write_text(out, result.to_csv(index=False))
     print(result.to_string(index=False, max_rows=12))
     print(f"written: {out}")

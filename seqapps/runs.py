@@ -122,3 +122,10 @@ def load_module(path: str | os.PathLike):
                          "written by `seqapps train`")
     module = locate(info["module"]).load_from_checkpoint(path, map_location="cpu")
     return module.eval()
+
+
+def run_test_metrics(ckpt: str | Path) -> dict:
+    """The test metrics of the run a checkpoint belongs to (``<run>/test_metrics.json`` beside
+    ``<run>/checkpoints/``); empty when the run was not tested or the file is elsewhere."""
+    path = Path(ckpt).resolve().parent.parent / "test_metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -134,6 +134,7 @@ class AnomalyModule(StandardisedExport, SeqappsModule):
     """
 
     export_wrapper = ScaledScorer
+    predictor = "seqapps.tasks.forecasting.predict.score_csv"
 
     def __init__(self, net: Mapping, optimizer: Mapping, scheduler: Mapping | None = None,
                  freeze: str = "full", anomaly_ratio: float = 1.0, baselines: Sequence[str] = BASELINES,

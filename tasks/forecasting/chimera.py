@@ -231,11 +231,12 @@ class ChimeraReconstructor(nn.Module):
         b, t, v = x.shape
         passes = max(2, round(1 / self.mask_ratio))
         cells = torch.arange(v, device=x.device)[:, None] + torch.arange(self.encoder.num_tokens(t), device=x.device)
-        error = torch.zeros_like(x)
-        for k in range(passes):
-            mask = (cells % passes == k).expand(b, -1, -1)  # [B, V, P]
-            error = torch.where(self._steps(mask, t), (x - self(x, mask)).pow(2), error)
-        return error
+        # the K passes as one batch of K·B windows: pass k masks the cells with (variate + patch) % K == k
+        masks = (cells % passes == torch.arange(passes, device=x.device)[:, None, None])  # [K, V, P]
+        masks = masks[:, None].expand(-1, b, -1, -1).flatten(0, 1)  # [K·B, V, P]
+        recon = self(x.repeat(passes, 1, 1), masks).unflatten(0, (passes, b))  # [K, B, T, V]
+        steps = self._steps(masks, t).unflatten(0, (passes, b))  # each step in exactly one pass
+        return ((x - recon).pow(2) * steps).sum(0)
 
     @torch.no_grad()
     def anomaly_score(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Forecasting files with a trained model (plain torch; no Lightning)."""
+"""Forecasting files, and scoring them for anomalies, with a trained model (plain torch)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -36,3 +37,50 @@ def forecast_csv(model: torch.nn.Module, info: dict, path: str) -> pd.DataFrame:
     result = pd.DataFrame(forecast, columns=out_columns)
     result.insert(0, "date" if freq else "step", dates)
     return result
+
+
+@torch.no_grad()
+def score_csv(model: torch.nn.Module, info: dict, path: str, batch_size: int = 64) -> pd.DataFrame:
+    """Anomaly scores for every row of the CSV at ``path``, in the layout of the anomaly task's
+    ``test.csv`` (a timestamp or index column first, then the channels the model was trained on,
+    by name). ``model`` maps raw windows ``[B, win_size, V]`` to scores ``[B, win_size]``.
+
+    The rows are tiled by windows of ``win_size`` as in the task's test (the last one aligned to
+    the end), so the scores are the ones ``seqapps train`` reported for the same rows. Returns a
+    frame: the first column of the CSV, ``score``, and ``anomaly`` (0/1, the score above the
+    threshold of the run's test) when the run was tested.
+    """
+    from seqapps.tasks.forecasting.anomaly_data import window_starts
+
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise InputError(f"input: no file at '{path}'; give a CSV with a timestamp or index column, "
+                         "then the channels") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"input: '{path}' is not a readable CSV ({str(err).splitlines()[0]})") from None
+    columns, win_size = info["columns"], info["win_size"]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"input: '{path}' lacks the column(s) {', '.join(missing)} the model was "
+                         f"trained on (it needs {', '.join(columns)})")
+    check_frame(frame, str(path), columns)
+    if len(frame) < win_size:
+        raise InputError(f"input: '{path}' has {len(frame)} rows; the model scores windows of "
+                         f"{win_size} rows (its win_size), so it needs at least that many")
+    series = frame[columns].to_numpy(np.float32)
+    starts = window_starts(len(series), win_size, win_size)
+    scores = np.zeros(len(series))
+    for i in range(0, len(starts), batch_size):
+        batch = starts[i:i + batch_size]
+        windows = torch.as_tensor(np.stack([series[s:s + win_size] for s in batch]))
+        for s, values in zip(batch, model(windows).float().numpy()):
+            scores[s:s + win_size] = values  # a later window overwrites the overlap, as in the test
+    result = pd.DataFrame({frame.columns[0]: frame.iloc[:, 0], "score": scores})
+    threshold = (info.get("test_metrics") or {}).get("test/model/threshold")
+    if threshold is not None:
+        result["anomaly"] = (scores > threshold).astype(int)
+    return result
+
+
+score_csv.output_suffix = ".scores.csv"

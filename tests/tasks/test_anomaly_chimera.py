@@ -226,6 +226,16 @@ def test_masked_reconstruction_never_sees_the_cell_it_scores(cross_variate):
     # every cell masked exactly once over the scoring passes: its error is (own value - estimate)²
     error = net.reconstruction_error(own)
     assert error.shape == (1, 10, 3) and error[0, 4:6, 1].min() > 25
+    # the passes run as one batch: the same as one pass at a time over a batch of two windows
+    batch = torch.cat([own, x])
+    with torch.no_grad():
+        expected = torch.zeros_like(batch)
+        cells = torch.arange(3)[:, None] + torch.arange(5)
+        for k in range(4):
+            mask = (cells % 4 == k).expand(2, -1, -1)
+            steps = mask.repeat_interleave(2, -1).transpose(1, 2)
+            expected = torch.where(steps, (batch - net(batch, mask)).pow(2), expected)
+        torch.testing.assert_close(net.reconstruction_error(batch), expected)
 
 
 def test_train_scores_injected_anomalies_above_normal_steps(tmp_path):
@@ -244,6 +254,22 @@ def test_train_scores_injected_anomalies_above_normal_steps(tmp_path):
     assert table.loc[table["label"] == 1, "model_score"].mean() > 3 * normal
     assert table.loc[60:61, "model_score"].min() > 10 * normal  # the spike
     assert metrics["test/model/hit_spike"] == 1.0
+    # the export (raw windows -> scores) and `seqapps predict` on test.csv give the test's scores
+    # and, at the run's threshold, its predictions; from the export and from the run folder alike
+    export = run_dir / "export"
+    assert (export / "model.onnx").is_file()
+    for model in (export, run_dir):
+        out = tmp_path / f"scores_{model.name}.csv"
+        proc = run_cli("predict", f"model={model}", f"input={folder / 'test.csv'}", f"output={out}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        scores = pd.read_csv(out)
+        assert list(scores.columns) == ["timestamp_(min)", "score", "anomaly"] and len(scores) == len(table)
+        np.testing.assert_allclose(scores["score"], table["model_score"], rtol=1e-4, atol=1e-7)
+        assert (scores["anomaly"] == table["model_pred"]).mean() > 0.99  # ties at the threshold aside
+    short = tmp_path / "short.csv"
+    pd.read_csv(folder / "test.csv").head(10).to_csv(short, index=False)
+    proc = run_cli("predict", f"model={export}", f"input={short}", cwd=tmp_path)
+    assert proc.returncode != 0 and "needs at least that many" in proc.stderr and not (tmp_path / "short.scores.csv").exists()
 
 
 @pytest.mark.parametrize("name, cross_variate", [("anomaly_chimera", True), ("anomaly_chimera_nocross", False),
