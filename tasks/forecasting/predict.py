@@ -10,6 +10,15 @@ from seqapps.errors import InputError
 from seqapps.tasks.forecasting.data import check_frame, read_tslib_csv
 
 
+def check_input_columns(frame: pd.DataFrame, path: str, columns: list[str]) -> None:
+    """The columns the model was trained on are all in ``frame``, numeric and complete, else one line."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"input: '{path}' lacks the column(s) {', '.join(missing)} the model was "
+                         f"trained on (it needs {', '.join(columns)})")
+    check_frame(frame, str(path), columns)
+
+
 @torch.no_grad()
 def forecast_csv(model: torch.nn.Module, info: dict, path: str) -> pd.DataFrame:
     """Forecast the ``pred_len`` steps after the end of the CSV at ``path`` from its last
@@ -19,11 +28,7 @@ def forecast_csv(model: torch.nn.Module, info: dict, path: str) -> pd.DataFrame:
     """
     frame = read_tslib_csv(path)
     columns, seq_len = info["columns"], info["seq_len"]
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"input: '{path}' lacks the column(s) {', '.join(missing)} the model was "
-                         f"trained on (it needs {', '.join(columns)})")
-    check_frame(frame, str(path), columns)
+    check_input_columns(frame, path, columns)
     if len(frame) < seq_len:
         raise InputError(f"input: '{path}' has {len(frame)} rows; the model needs the last "
                          f"{seq_len} (its seq_len) to forecast")
@@ -60,11 +65,7 @@ def score_csv(model: torch.nn.Module, info: dict, path: str, batch_size: int = 6
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(f"input: '{path}' is not a readable CSV ({str(err).splitlines()[0]})") from None
     columns, win_size = info["columns"], info["win_size"]
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"input: '{path}' lacks the column(s) {', '.join(missing)} the model was "
-                         f"trained on (it needs {', '.join(columns)})")
-    check_frame(frame, str(path), columns)
+    check_input_columns(frame, path, columns)
     if len(frame) < win_size:
         raise InputError(f"input: '{path}' has {len(frame)} rows; the model scores windows of "
                          f"{win_size} rows (its win_size), so it needs at least that many")
