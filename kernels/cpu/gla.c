@@ -128,7 +128,7 @@ typedef struct {
 typedef struct {
   /* [C x Kp] */ float *q, *k, *log_decay, *q_factor, *k_factor, *q_decay, *k_decay, *row_factor, *rows, *col_factor, *cols, *d_q, *d_k, *d_qd, *d_kd;
   /* [C x Vp] */ float *v, *d_o, *d_v;
-  /* [C x C]  */ float *attention, *d_attention, *transposed;
+  /* [C x C]  */ float *attention, *d_attention, *transposed, *decay;
   /* [Kp x C] */ float *transposed_keys;
   /* [Kp x Vp] */ float *state, *d_state, *state_t;
   /* [C] */ int *exact_diagonal;
@@ -152,7 +152,7 @@ static int workspace_init(Workspace *w, const Problem *p) {
   float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_factor, &w->k_factor, &w->q_decay, &w->k_decay, &w->row_factor,
                        &w->rows, &w->col_factor, &w->cols, &w->d_q, &w->d_k, &w->d_qd, &w->d_kd};
   size_t n_per_key = sizeof per_key / sizeof *per_key;
-  size_t total = n_per_key * c * kp + 3 * c * vp + 3 * c * c + kv * c + 3 * kv * kv + (n_per_key + 10) * SKEW;
+  size_t total = n_per_key * c * kp + 3 * c * vp + 4 * c * c + kv * c + 3 * kv * kv + (n_per_key + 11) * SKEW;
   w->memory = (float *)calloc(total, sizeof(float));
   w->exact_diagonal = (int *)calloc(c / BLOCK, sizeof(int));
   if (!w->memory || !w->exact_diagonal) return -1;
@@ -164,6 +164,7 @@ static int workspace_init(Workspace *w, const Problem *p) {
   w->attention = take(&m, c * c);
   w->d_attention = take(&m, c * c);
   w->transposed = take(&m, c * c);
+  w->decay = take(&m, c * c);
   w->transposed_keys = take(&m, kv * c);
   w->state = take(&m, kv * kv);
   w->d_state = take(&m, kv * kv);
@@ -288,6 +289,37 @@ static int attention_block(const Problem *p, Workspace *w, int a) {
   return width;
 }
 
+/* One decay per head: A = (q k^T) * D with D[i][j] = exp(G_i - G_j) on and below the diagonal and 0
+ * above, into w->attention and D into w->decay. G falls along a chunk, so every factor is at most 1:
+ * no reference rows, no exact diagonal. The products go block row by block row (a block's row r + i
+ * needs the columns j <= r + BLOCK - 1 only). */
+static void attention_scalar(const Problem *p, Workspace *w) {
+  int c = p->chunk, kp = p->kp;
+  float g[c]; /* the chunk's cumulative log decay, one per row */
+  for (int i = 0; i < c; i++) g[i] = w->log_decay[i * kp];
+  transpose(c, kp, w->k, kp, w->transposed_keys, c);
+  for (int a = 0; a < c / BLOCK; a++) {
+    int r = a * BLOCK, width = r + BLOCK;
+    matmul(BLOCK, width, kp, w->q + r * kp, kp, w->transposed_keys, c, w->attention + r * c, c, 0);
+    for (int i = r; i < r + BLOCK; i++) {
+      float *D = w->decay + i * c, *A = w->attention + i * c;
+      for (int j = 0; j < c; j++) D[j] = j <= i ? exp_clamped(g[i] - g[j]) : 0.0f;
+      for (int j = 0; j < width; j++) A[j] *= D[j];
+    }
+  }
+}
+
+/* The gradients through A of the scalar-decay form (given dA, zero above the diagonal), added into
+ * w->d_q and w->d_k: with dS = dA * D, d_q += dS . k and d_k += dS^T . q. */
+static void attention_scalar_backward(const Problem *p, Workspace *w) {
+  int c = p->chunk, kp = p->kp;
+  float *dS = w->d_attention;
+  for (int i = 0; i < c * c; i++) dS[i] *= w->decay[i];
+  matmul(c, kp, c, dS, c, w->k, kp, w->d_q, kp, 1);
+  transpose(c, c, dS, c, w->transposed, c);
+  matmul(c, kp, c, w->transposed, c, w->q, kp, w->d_k, kp, 1);
+}
+
 /* The gradients through block a's rows of A (given dA, zero above the diagonal, and the factors
  * attention_block left), added into w->d_q and w->d_k. */
 static void attention_block_backward(const Problem *p, Workspace *w, int a, int width) {
@@ -347,8 +379,9 @@ static void forward_sequence(const Problem *p, Workspace *w, int seq) {
     if (p->states) memcpy(p->states + ((size_t)seq * p->n_chunks + n) * kp * vp, w->state, sizeof(float) * kp * vp);
     float *out = w->d_v; /* [C x Vp] scratch: o = q_decay . S + A . v */
     matmul(c, vp, kp, w->q_decay, kp, w->state, vp, out, vp, 0);
+    if (!p->per_key) attention_scalar(p, w);
     for (int a = 0; a < c / BLOCK; a++) {
-      attention_block(p, w, a);
+      if (p->per_key) attention_block(p, w, a);
       matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, w->v, vp, out + a * BLOCK * vp, vp, 1);
     }
     for (int i = 0; i < rows * vp; i++) out[i] *= p->scale;
@@ -407,7 +440,12 @@ static void backward_sequence(const Problem *p, Workspace *w, int seq) {
       for (int i = 0; i < BLOCK; i++)
         for (int j = i + 1; j < BLOCK; j++) dA[i * c + r + j] = 0.0f;
     }
-    for (int a = 0; a < c / BLOCK; a++) attention_block_backward(p, w, a, attention_block(p, w, a));
+    if (p->per_key) {
+      for (int a = 0; a < c / BLOCK; a++) attention_block_backward(p, w, a, attention_block(p, w, a));
+    } else {
+      attention_scalar(p, w);
+      attention_scalar_backward(p, w);
+    }
     /* dv += A^T . dO */
     transpose(c, c, w->attention, c, w->transposed, c);
     for (int a = 0; a < c / BLOCK; a++)
