@@ -9,10 +9,13 @@
  * Layout: q, k, g (per-key) [B, T, H, K]; v, o [B, T, H, V]; g (scalar) [B, T, H]; states
  * [B, H, K, V]; all float32 and contiguous. Inside a chunk the key and value dimensions are padded
  * with zeros to Kp, Vp (multiples of 16) and the chunk to C rows (zero keys, values and log decays
- * are inert). A scalar decay is broadcast over the key dimension, so one code path serves both
- * (its decay factors are one exp per row, exp_rows).
+ * are inert). A scalar decay is broadcast over the key dimension, so the inter-chunk part serves
+ * both (its decay factors are one exp per row, exp_rows).
  *
- * Intra-chunk decays. The chunk is cut into blocks of BLOCK rows. For the rows i of block a, with
+ * Intra-chunk decays, one per head (attention_scalar): A = (q k^T) * D with D_ij = exp(G_i - G_j),
+ * at most 1 on and below the diagonal, applied after the matmul.
+ *
+ * Intra-chunk decays, one per key dimension (attention_block). The chunk is cut into blocks of BLOCK rows. For the rows i of block a, with
  * r its first row, and every column j < r:  exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j), both
  * factors <= 1, so block a's rows of A are one matmul of q * exp(G - G_r) with k * exp(G_r - G).
  * The diagonal block (r <= j <= i) joins that matmul when the block's log decay spans at most
