@@ -31,7 +31,7 @@ $PY -c "import torch, triton, fla, seqapps.kernels; print('torch', torch.__versi
 step triton_tests 90 $PY -m pytest tests/kernels/test_triton_gla.py tests/kernels/test_triton_delta_rule.py \
   tests/kernels/test_triton_selective_scan.py -q -x -n 8
 step selective_scan_check 45 $PY tests/gpu/gpu_check_selective_scan.py
-step gla_check ${GLA_LIMIT:-240} $PY tests/gpu/gpu_check_gla.py
+PARTS=check,ours step gla_check 120 $PY tests/gpu/gpu_check_gla.py
 step delta_rule_check 40 $PY tests/gpu/gpu_check_delta_rule.py
 step bench ${BENCH_LIMIT:-120} $PY -c "
 import json, os
@@ -41,4 +41,6 @@ result = run_bench(ops=('gla', 'gla_scalar', 'delta_rule', 'selective_scan', 'sd
                    dtype='bfloat16', warmup=2, repeats=10, fla=False)
 json.dump(result, open(os.path.join('$OUT', 'bench.json'), 'w'), indent=1)
 print(markdown(result))"
+# last, with the time left: fla autotunes its backward for minutes on first use (not done in 170 s on an H100)
+PARTS=fla step gla_vs_fla ${FLA_LIMIT:-300} $PY tests/gpu/gpu_check_gla.py
 cat "$OUT/summary.txt"
