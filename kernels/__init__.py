@@ -6,7 +6,7 @@ parallel PyTorch, the CPU default and export path), ``cpu`` (gated linear attent
 chunked form as one fused C kernel, ``cpu/gla.c``, built at first use by ``compiled.py``),
 ``triton`` (GPU kernels; on CPU under ``TRITON_INTERPRET=1``); ``auto`` picks triton for CUDA
 tensors, and elsewhere ``cpu`` where an op has it and it is built, chunk otherwise (always chunk
-while ``torch.compile``/``torch.export`` trace).
+for float64 inputs and while ``torch.compile``/``torch.export`` trace).
 """
 
 from seqapps.kernels.delta_rule import delta_rule, delta_rule_step

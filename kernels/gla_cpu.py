@@ -22,6 +22,7 @@ from seqapps.kernels.backend import expect_chunk_size
 from seqapps.kernels.compiled import library
 
 _BLOCK = 16  # rows per block inside a chunk (BLOCK in gla.c): chunks are a multiple of it
+_PAD = 16    # key and value dims padded to a multiple of this in the kernel (kp, vp in gla.c's problem())
 
 
 def _library() -> ctypes.CDLL | None:
@@ -81,7 +82,7 @@ class _FusedGLA(torch.autograd.Function):
         final_state = q.new_empty(batch, heads, key_dim, value_dim)
         states = None
         if any(ctx.needs_input_grad[:5]):
-            states = q.new_empty(batch, heads, n_chunks, _round_up(key_dim, 16), _round_up(value_dim, 16))
+            states = q.new_empty(batch, heads, n_chunks, _round_up(key_dim, _PAD), _round_up(value_dim, _PAD))
         status = lib.gla_forward(*sizes, *map(_pointer, (q, k, v, g, initial_state, out, states, final_state)))
         if status:
             raise MemoryError(f"gla CPU kernel: forward failed (status {status}: workspace or threads)")

@@ -39,7 +39,7 @@ def run_predict(cfg: DictConfig) -> Path:
         raise InputError(f"model: '{cfg.model}' names no predictor, so it cannot run on files")
     predict = locate(predictor)
     result = predict(model, info, cfg.input)
-    out = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(getattr(predict, "output_suffix", ".forecast.csv"))
+    out = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(predict.output_suffix)
     atomic_write_text(out, result.to_csv(index=False))
     print(result.to_string(index=False, max_rows=12))
     print(f"written: {out}")

@@ -3,7 +3,7 @@
  * The same chunked form as kernels/gla_chunk.py (read its docstring first), fused: one thread takes
  * one sequence (batch x head) at a time and walks over its chunks with every temporary of a chunk
  * in a few hundred KB of workspace, so nothing but the inputs, the outputs and the states entering
- * each chunk ever leaves the cache. Built at first use by kernels/gla_cpu.py (cc -O3 -march=native)
+ * each chunk ever leaves the cache. Built at first use by kernels/compiled.py (cc -O3 -march=native)
  * and called through ctypes; `gla_chunk` in plain PyTorch stays the reference and the fallback.
  *
  * Layout: q, k, g (per-key) [B, T, H, K]; v, o [B, T, H, V]; g (scalar) [B, T, H]; states

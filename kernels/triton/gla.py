@@ -112,6 +112,43 @@ def _dot(a, b, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _masked_block_product(left, right, values, rows, LOWER: tl.constexpr, DTYPE: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """``(M ⊙ (left @ rightᵀ)) @ values`` for a diagonal sub-block, ``left, right [BC, BK]``,
+    ``values [BC, BV]``, ``rows [BC]`` the sub-block's time steps; ``M_ij`` keeps ``i >= j``
+    (``LOWER``, the block of ``A``) or ``i <= j`` (the block of ``Aᵀ``)."""
+    scores = _dot(left, tl.trans(right), DTYPE, PRECISION)
+    keep = rows[:, None] >= rows[None, :] if LOWER else rows[:, None] <= rows[None, :]
+    return _dot(tl.where(keep, scores, 0.0), values, DTYPE, PRECISION)
+
+
+@triton.jit
+def _exact_diagonal_product(tile, G_tile, rows, other, G, values, first, T, H, K: tl.constexpr,
+                            V: tl.constexpr, offs_k, mask_k, offs_v, mask_v, BC: tl.constexpr,
+                            BV: tl.constexpr, LOWER: tl.constexpr):
+    """The same product as :func:`_masked_block_product` for a sub-block whose decay is too steep
+    to factor, one row ``m`` of ``other`` at a time with every exponent taken whole:
+    ``Σ_m M_rm (Σ_d tile_rd other_md e^{±(G_rd − G_md)}) values_m``, ``+`` and ``r >= m``
+    (``LOWER``: ``tile`` = queries, ``other`` = keys) or ``−`` and ``r <= m`` (``tile`` = keys,
+    ``other`` = queries). ``first``: the sub-block's first step. Decays of ``-20`` per step
+    underflow to exact zeros instead of ``inf·0``."""
+    acc = tl.zeros([BC, BV], dtype=tl.float32)
+    for m in range(BC):
+        step = first + m
+        # plain loads: a nested jit call costs the interpreter more than the load
+        other_m = tl.load(other + step * H * K + offs_k, mask=mask_k & (step < T), other=0.0).to(tl.float32)
+        G_m = tl.load(G + step * H * K + offs_k, mask=mask_k, other=0.0)
+        values_m = tl.load(values + step * H * V + offs_v, mask=mask_v & (step < T), other=0.0).to(tl.float32)
+        if LOWER:
+            decay = tl.exp(tl.where(rows[:, None] >= step, G_tile - G_m[None, :], float("-inf")))
+        else:
+            decay = tl.exp(tl.where(rows[:, None] <= step, G_m[None, :] - G_tile, float("-inf")))
+        weights = tl.sum(tile * decay * other_m[None, :], axis=1)
+        acc += weights[:, None] * values_m[None, :]
+    return acc
+
+
+@triton.jit
 def _state_block(kb, vb, bh, start, HAS_START: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr):
     """The ``[BK, BV]`` block ``(kb, vb)`` of a ``[K, V]`` state for the sequential state kernels:
@@ -225,19 +262,11 @@ def _forward_output_kernel(q, k, v, G, states, o, scale, T, T_pad, n_chunks, H,
             if tl.max(tl.abs(G_I - G_ref[None, :])) <= DIAGONAL_SPAN:
                 k_I = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
                 v_I = _load_tile(v, rows, H * V, rows < T, offs_v, mask_v)
-                scores = _dot(q_ref, tl.trans(k_I * tl.exp(G_ref[None, :] - G_I)), DTYPE, PRECISION)
-                scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
-                out += _dot(scores, v_I, DTYPE, PRECISION)
+                out += _masked_block_product(q_ref, k_I * tl.exp(G_ref[None, :] - G_I), v_I, rows, True,
+                                             DTYPE, PRECISION)
             else:
-                for j in range(BC):
-                    key = i0 + j
-                    # plain loads: a nested jit call costs the interpreter more than the load
-                    k_j = tl.load(k + key * H * K + offs_k, mask=mask_k & (key < T), other=0.0).to(tl.float32)
-                    G_j = tl.load(G + key * H * K + offs_k, mask=mask_k, other=0.0)
-                    v_j = tl.load(v + key * H * V + offs_v, mask=mask_v & (key < T), other=0.0).to(tl.float32)
-                    decay = tl.exp(tl.where(rows[:, None] >= key, G_I - G_j[None, :], float("-inf")))
-                    scores_j = tl.sum(q_I * decay * k_j[None, :], axis=1)
-                    out += scores_j[:, None] * v_j[None, :]
+                out += _exact_diagonal_product(q_I, G_I, rows, k, G, v, i0, T, H, K, V, offs_k, mask_k,
+                                               offs_v, mask_v, BC, BV, True)
             out_offs = rows[:, None] * H * V + offs_v[None, :]
             tl.store(o + out_offs, (scale * out).to(o.dtype.element_ty),
                      mask=(rows < T)[:, None] & mask_v[None, :])
@@ -307,18 +336,11 @@ def _backward_dv_kernel(q, k, G, do, d_states, dv, scale, T, T_pad, n_chunks, H,
             if tl.max(tl.abs(G_J - G_ref[None, :])) <= DIAGONAL_SPAN:
                 q_J = _load_tile(q, keys, H * K, keys < T, offs_k, mask_k)
                 do_J = _load_tile(do, keys, H * V, keys < T, offs_v, mask_v)
-                scores_t = _dot(k_ref, tl.trans(q_J * tl.exp(G_J - G_ref[None, :])), DTYPE, PRECISION)
-                scores_t = tl.where(keys[None, :] >= keys[:, None], scores_t, 0.0)
-                intra += _dot(scores_t, do_J, DTYPE, PRECISION)
+                intra += _masked_block_product(k_ref, q_J * tl.exp(G_J - G_ref[None, :]), do_J, keys, False,
+                                               DTYPE, PRECISION)
             else:
-                for i in range(BC):
-                    query = j0 + i
-                    q_i = tl.load(q + query * H * K + offs_k, mask=mask_k & (query < T), other=0.0).to(tl.float32)
-                    G_i = tl.load(G + query * H * K + offs_k, mask=mask_k, other=0.0)
-                    do_i = tl.load(do + query * H * V + offs_v, mask=mask_v & (query < T), other=0.0).to(tl.float32)
-                    decay = tl.exp(tl.where(keys[:, None] <= query, G_i[None, :] - G_J, float("-inf")))
-                    scores_i = tl.sum(k_J * decay * q_i[None, :], axis=1)
-                    intra += scores_i[:, None] * do_i[None, :]
+                intra += _exact_diagonal_product(k_J, G_J, keys, q, G, do, j0, T, H, K, V, offs_k, mask_k,
+                                                 offs_v, mask_v, BC, BV, False)
             # then the part through the state leaving the chunk
             grad = _dot(k_J * tl.exp(G_last[None, :] - G_J), dH_out, DTYPE, PRECISION) + scale * intra
             tl.store(dv + keys[:, None] * H * V + offs_v[None, :], grad.to(dv.dtype.element_ty),
@@ -362,7 +384,8 @@ def _backward_dq_dk_dg_kernel(q, k, v, G, do, states, d_states, dq, dk, dg, scal
             do_I = _load_tile(do, rows, H * V, rows < T, offs_v, mask_v)
             # the intra-chunk parts first (times scale at the end); dq from earlier sub-blocks J,
             # through the reference row i0
-            G_ref = _load_row(G, i0, H * K, offs_k, mask_k)
+            G_top = _load_row(G, i0, H * K, offs_k, mask_k)
+            G_ref = G_top
             acc = tl.zeros([BC, BK], dtype=tl.float32)
             for jb in range(ib):
                 cols = c * BT + jb * BC + tl.arange(0, BC)
@@ -388,7 +411,6 @@ def _backward_dq_dk_dg_kernel(q, k, v, G, do, states, d_states, dq, dk, dg, scal
             # feeds dq, row j of dk)
             d_scores = _dot(do_I, tl.trans(v_I), DTYPE, PRECISION)
             k_I = _load_tile(k, rows, H * K, rows < T, offs_k, mask_k)
-            G_top = _load_row(G, i0, H * K, offs_k, mask_k)
             if tl.max(tl.abs(G_I - G_top[None, :])) <= DIAGONAL_SPAN:
                 d_scores = tl.where(rows[:, None] >= rows[None, :], d_scores, 0.0)
                 intra_q += tl.exp(G_I - G_top[None, :]) * _dot(d_scores, k_I * tl.exp(G_top[None, :] - G_I),

@@ -36,8 +36,8 @@ import torch
 from seqapps.errors import InputError
 from seqapps.tasks import plotting
 from seqapps.tasks.base import SeqappsModule, StandardisedExport, raw_series_example
-from seqapps.tasks.forecasting.anomaly_data import AnomalyWindows, label_segments
-from seqapps.tasks.standardised import Standardised
+from seqapps.tasks.forecasting.anomaly_data import label_segments, tile_scores
+from seqapps.tasks.forecasting.model import ScaledScorer
 
 BASELINES = ("zscore", "pca", "random")
 
@@ -110,15 +110,6 @@ class PCAScorer:
         return np.square(residual).mean(-1)
 
 
-# --------------------------------------------------------------------------- export
-class ScaledScorer(Standardised):
-    """Raw windows ``x [B, T, V]`` -> anomaly scores ``[B, T]``: the training scaling, then the
-    reconstructor's :meth:`anomaly_score` (the threshold is in ``config.yaml``'s metrics)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.anomaly_score(self.standardise(x))
-
-
 # --------------------------------------------------------------------------- module
 class AnomalyModule(StandardisedExport, SeqappsModule):
     """Train a reconstructor ``x [B, T, V] -> x̂ [B, T, V]`` (with ``training_loss`` and
@@ -161,14 +152,8 @@ class AnomalyModule(StandardisedExport, SeqappsModule):
 
     @torch.no_grad()
     def score_series(self, series: np.ndarray, win_size: int, batch_size: int = 64) -> np.ndarray:
-        """``series [N, V]`` (scaled) -> per-step scores ``[N]``, from non-overlapping windows."""
-        windows = AnomalyWindows(series, win_size, win_size)
-        scores = np.zeros(len(series))
-        for i in range(0, len(windows), batch_size):
-            items = [windows[j] for j in range(i, min(i + batch_size, len(windows)))]
-            x = torch.stack([item[0] for item in items]).to(self.device)
-            self._place(scores, self.net.anomaly_score(x), [item[2] for item in items])
-        return scores
+        """``series [N, V]`` (scaled) -> per-step scores ``[N]``, from the windows that tile it."""
+        return tile_scores(lambda x: self.net.anomaly_score(x.to(self.device)), series, win_size, batch_size)
 
     @staticmethod
     def _place(scores: np.ndarray, window_scores: torch.Tensor, starts) -> None:

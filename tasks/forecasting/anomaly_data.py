@@ -334,6 +334,20 @@ def window_starts(n: int, win_size: int, step: int) -> np.ndarray:
     return starts
 
 
+def tile_scores(score_windows, series: np.ndarray, win_size: int, batch_size: int = 64) -> np.ndarray:
+    """Per-row scores ``[N]`` of ``series [N, V]`` from the windows that tile it (:func:`window_starts`
+    with ``step == win_size``; the last window's scores overwrite its overlap with the one before).
+    ``score_windows``: windows ``[B, win_size, V]`` (float32) -> scores ``[B, win_size]``."""
+    starts = window_starts(len(series), win_size, win_size)
+    scores = np.zeros(len(series))
+    for i in range(0, len(starts), batch_size):
+        batch = starts[i:i + batch_size]
+        windows = torch.as_tensor(np.stack([series[s:s + win_size] for s in batch]), dtype=torch.float32)
+        for s, values in zip(batch, score_windows(windows).float().cpu().numpy()):
+            scores[s:s + win_size] = values
+    return scores
+
+
 class AnomalyWindows(Dataset):
     """Windows ``x [win_size, V]`` of a series ``[N, V]``, with their labels ``[win_size]``
     (zeros for unlabelled series) and start row."""

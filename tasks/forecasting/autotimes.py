@@ -23,7 +23,7 @@ The LM is pluggable (``lm`` spec, a plain mapping):
   (any mixer) as the LM; a recurrent mixer forecasts with constant memory per step. Its text
   embedding is a byte embedding table run through the same stack. Random unless trained: use
   ``module.freeze=full`` to train it with the rest, or ``weights: <a checkpoint of such a run>``
-  to load the LM trained there (its ``net.backbone.*`` tensors) and keep it frozen.
+  to load the LM trained there (its ``net.backbone.*`` tensors; ``module.freeze`` keeps it frozen).
 * ``{kind: identity, width}``: no LM (the paper's "w/o LLM" ablation).
 
 Trainable parameters with ``module.freeze=frozen_backbone`` (the default): the segment

@@ -175,7 +175,7 @@ class ChimeraReconstructor(nn.Module):
     ``D`` below ``patch_len`` keeps the model from copying them. ``mask_ratio > 0`` is masked
     reconstruction: in training a random share ``mask_ratio`` of the grid cells (one variate ×
     one patch) have their token replaced by a learned mask token, and the loss is the error on
-    those cells; for scores, ``K = round(1 / mask_ratio)`` passes mask the cells with
+    those cells; for scores, ``K = max(2, round(1 / mask_ratio))`` passes mask the cells with
     ``(variate + patch) % K == k``, so that every cell is reconstructed once without its own
     values: from its variate's past (the scan is causal in time) and, through the cross-variate
     path, from the other variates, which is what lets a broken relation between variates show.

@@ -117,3 +117,12 @@ class ScaledForecaster(Standardised):
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         out = self.net(self.standardise(history))
         return out * self.std[-self.n_out:] + self.mean[-self.n_out:]
+
+
+class ScaledScorer(Standardised):
+    """Raw windows ``x [B, T, V]`` -> anomaly scores ``[B, T]``: the training scaling, then the
+    reconstructor's ``anomaly_score`` (the export of the anomaly task; its threshold is in
+    ``config.yaml``'s metrics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.anomaly_score(self.standardise(x))

@@ -44,6 +44,9 @@ def forecast_csv(model: torch.nn.Module, info: dict, path: str) -> pd.DataFrame:
     return result
 
 
+forecast_csv.output_suffix = ".forecast.csv"  # the default output file: input.forecast.csv
+
+
 @torch.no_grad()
 def score_csv(model: torch.nn.Module, info: dict, path: str, batch_size: int = 64) -> pd.DataFrame:
     """Anomaly scores for every row of the CSV at ``path``, in the layout of the anomaly task's
@@ -55,7 +58,7 @@ def score_csv(model: torch.nn.Module, info: dict, path: str, batch_size: int = 6
     frame: the first column of the CSV, ``score``, and ``anomaly`` (0/1, the score above the
     threshold of the run's test) when the run was tested.
     """
-    from seqapps.tasks.forecasting.anomaly_data import window_starts
+    from seqapps.tasks.forecasting.anomaly_data import tile_scores
 
     try:
         frame = pd.read_csv(path)
@@ -69,14 +72,7 @@ def score_csv(model: torch.nn.Module, info: dict, path: str, batch_size: int = 6
     if len(frame) < win_size:
         raise InputError(f"input: '{path}' has {len(frame)} rows; the model scores windows of "
                          f"{win_size} rows (its win_size), so it needs at least that many")
-    series = frame[columns].to_numpy(np.float32)
-    starts = window_starts(len(series), win_size, win_size)
-    scores = np.zeros(len(series))
-    for i in range(0, len(starts), batch_size):
-        batch = starts[i:i + batch_size]
-        windows = torch.as_tensor(np.stack([series[s:s + win_size] for s in batch]))
-        for s, values in zip(batch, model(windows).float().numpy()):
-            scores[s:s + win_size] = values  # a later window overwrites the overlap, as in the test
+    scores = tile_scores(model, frame[columns].to_numpy(np.float32), win_size, batch_size)
     result = pd.DataFrame({frame.columns[0]: frame.iloc[:, 0], "score": scores})
     threshold = (info.get("test_metrics") or {}).get("test/model/threshold")
     if threshold is not None:
