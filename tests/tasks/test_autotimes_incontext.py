@@ -1,6 +1,6 @@
 """AutoTimes in-context forecasting: the pieces of the experiment (joint prompt normalisation,
 a trained stack LM loaded frozen, the transfer lookback, the control prompt) and the generated
-series families (tasks/forecasting/autotimes_incontext.py)."""
+series families (tasks/forecasting/autotimes_incontext.py); the driver is seqapps/autotimes_incontext.py."""
 
 from __future__ import annotations
 
@@ -86,14 +86,14 @@ def test_transfer_lookback_and_control_prompt_keep_the_windows(tmp_path):
 @pytest.mark.slow
 def test_in_context_beats_zero_shot_with_a_prompt_from_the_same_source(tmp_path):
     """Issue 5's claim, on a small copy of the recorded experiment (`python -m
-    seqapps.tasks.forecasting.autotimes_incontext`): a stack LM trained on source series, then
+    seqapps.autotimes_incontext`): a stack LM trained on source series, then
     frozen under fresh AutoTimes adapters, forecasts held-out target series (another shape,
     period range and scale pattern) from a one-segment lookback. Two segments of the same
     target series as the prompt cut the MSE by far more than the seed-to-seed spread (here
     1.47 -> 0.74; over seeds 0-2 the cut is 0.73-0.80 and each condition's MSE varies by about
     0.15), and beat a prompt of as many segments from a source series (0.89; paired gap
     0.09-0.16 over seeds 0-2)."""
-    from seqapps.tasks.forecasting.autotimes_incontext import run_seed
+    from seqapps.autotimes_incontext import run_seed
 
     result = run_seed(tmp_path, 0, ("main",), ["trainer.max_epochs=5", "callbacks=none"],
                       ["trainer.max_epochs=10"],
