@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import Dataset
 
 from seqapps.errors import InputError
-from seqapps.tasks.forecasting.data import _names, check_frame, weather_frame
+from seqapps.tasks.forecasting.data import _names, check_frame, read_csv_checked, weather_frame
 from seqapps.tasks.splits import SplitsDataModule
 
 LAYOUT = "the Time-Series-Library anomaly layout: train.csv, test.csv, test_label.csv"
@@ -271,12 +271,7 @@ BUNDLED = {"pv_plant": sensor_frames, "daphnet": daphnet_frames}  # data.dataset
 
 # --------------------------------------------------------------------------- reader
 def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise InputError(f"data.path: no {path.name} in '{path.parent}'; expected {LAYOUT}")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"data.path: '{path}' is not a readable CSV ({str(err).splitlines()[0]})") from None
+    frame = read_csv_checked(path, "data.path", f"expected {LAYOUT}", absent=f"no {path.name} in '{path.parent}'")
     if frame.shape[1] < 2:
         raise InputError(f"data.path: '{path}' has {frame.shape[1]} column(s); {LAYOUT} has a "
                          "timestamp/index column first, then the channels (the label, for test_label.csv)")

@@ -118,30 +118,40 @@ def builtin_frame(name: str, ar: dict | None = None) -> tuple[pd.DataFrame, np.n
                      f"{', '.join(BUILTIN_DATASETS)} or give data.path=<your.csv>")
 
 
-def read_tslib_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a CSV in the Time-Series-Library layout and check it: a parseable ``date`` column
-    and numeric variables without missing values."""
+def read_csv_checked(path: str | os.PathLike, key: str, expected: str, absent: str | None = None) -> pd.DataFrame:
+    """The CSV at ``path`` as pandas reads it, or one line that names ``key`` (the option that
+    gave the file), the file, what is wrong (no file there, or not a CSV pandas can read) and then
+    ``expected`` (what would be right, e.g. "give a CSV with ..."). ``absent`` words the missing
+    file otherwise than "no file at '<path>'"."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data.path: no file at '{path}'; give a CSV in the Time-Series-Library "
-                         "layout (a 'date' column, then the features, the target last)")
+        absent = absent or f"no file at '{path}'"
+        raise InputError(f"{key}: {absent}; {expected}")
     try:
-        frame = pd.read_csv(path)
+        return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"data.path: '{path}' is not a readable CSV ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{key}: '{path}' is not a readable CSV ({str(err).splitlines()[0]}); {expected}") from None
+
+
+def read_tslib_csv(path: str | os.PathLike, key: str = "data.path") -> pd.DataFrame:
+    """Read a CSV in the Time-Series-Library layout and check it: a parseable ``date`` column
+    and numeric variables without missing values. ``key``: the option that named the file, for
+    the error messages."""
+    frame = read_csv_checked(path, key, "give a CSV in the Time-Series-Library layout (a 'date' column, "
+                                        "then the features, the target last)")
     if "date" not in frame.columns:
-        raise InputError(f"data.path: '{path}' has no 'date' column (columns: "
+        raise InputError(f"{key}: '{path}' has no 'date' column (columns: "
                          f"{_names(frame.columns)}); the Time-Series-Library layout starts with one")
     hint = "write them as e.g. 2016-07-01 00:00:00"
     try:
         frame["date"] = pd.to_datetime(frame["date"])
     except (ValueError, TypeError, OverflowError) as err:
-        raise InputError(f"data.path: the 'date' column of '{path}' does not parse as timestamps "
+        raise InputError(f"{key}: the 'date' column of '{path}' does not parse as timestamps "
                          f"({str(err).splitlines()[0]}); {hint}") from None
     missing = frame["date"].isna()
     if missing.any():
         row = int(np.flatnonzero(missing.to_numpy())[0])
-        raise InputError(f"data.path: the 'date' column of '{path}' has {int(missing.sum())} empty or "
+        raise InputError(f"{key}: the 'date' column of '{path}' has {int(missing.sum())} empty or "
                          f"unparseable timestamps (first at row {row}); {hint}")
     return frame
 

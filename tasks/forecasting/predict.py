@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from seqapps.errors import InputError
-from seqapps.tasks.forecasting.data import check_frame, read_tslib_csv
+from seqapps.tasks.forecasting.data import check_frame, read_csv_checked, read_tslib_csv
 
 
 def check_input_columns(frame: pd.DataFrame, path: str, columns: list[str]) -> None:
@@ -26,7 +26,7 @@ def forecast_csv(model: torch.nn.Module, info: dict, path: str) -> pd.DataFrame:
 
     Returns a frame: ``date`` (continuing the CSV's frequency) and one column per output.
     """
-    frame = read_tslib_csv(path)
+    frame = read_tslib_csv(path, key="input")
     columns, seq_len = info["columns"], info["seq_len"]
     check_input_columns(frame, path, columns)
     if len(frame) < seq_len:
@@ -60,13 +60,7 @@ def score_csv(model: torch.nn.Module, info: dict, path: str, batch_size: int = 6
     """
     from seqapps.tasks.forecasting.anomaly_data import tile_scores
 
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise InputError(f"input: no file at '{path}'; give a CSV with a timestamp or index column, "
-                         "then the channels") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"input: '{path}' is not a readable CSV ({str(err).splitlines()[0]})") from None
+    frame = read_csv_checked(path, "input", "give a CSV with a timestamp or index column, then the channels")
     columns, win_size = info["columns"], info["win_size"]
     check_input_columns(frame, path, columns)
     if len(frame) < win_size:

@@ -14,6 +14,7 @@ from seqapps.tasks.forecasting.data import (
     ForecastDataModule,
     generate_ar,
     min_rows,
+    read_tslib_csv,
     split_borders,
     weather_frame,
 )
@@ -138,3 +139,23 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     assert "column 'OT' is constant" in msg and "zero std" in msg
     assert "not a mode" in _error(tmp_path, path=str(good), features="X")
     assert "not a bundled dataset" in _error(tmp_path, dataset="nope")
+
+
+def test_an_unreadable_csv_is_refused_in_one_line_by_every_reader(tmp_path):
+    """One reader serves data.path, the anomaly folder's files and `predict`'s input: the option,
+    the file, why pandas cannot read it, and what each caller expects."""
+    from seqapps.tasks.forecasting.anomaly_data import read_anomaly_folder
+    from seqapps.tasks.forecasting.predict import score_csv
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "train.csv").write_bytes(b"\xff\xfe\x00")
+    for read, start, expected in [
+            (lambda: read_tslib_csv(empty), f"data.path: '{empty}' is not a readable CSV", "Time-Series-Library layout"),
+            (lambda: read_anomaly_folder(tmp_path / "set"), "data.path: '" + str(tmp_path / "set" / "train.csv")
+             + "' is not a readable CSV", "anomaly layout: train.csv"),
+            (lambda: score_csv(None, {}, str(empty)), f"input: '{empty}' is not a readable CSV", "index column")]:
+        with pytest.raises(InputError) as err:
+            read()
+        assert str(err.value).startswith(start) and expected in str(err.value) and "\n" not in str(err.value)
