@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import Dataset
 
 from seqapps.errors import InputError
-from seqapps.tasks.forecasting.data import _names, check_frame, read_csv_checked, weather_frame
+from seqapps.tasks.forecasting.data import _names, check_frame, fit_scaler, read_csv_checked, weather_frame
 from seqapps.tasks.splits import SplitsDataModule
 
 LAYOUT = "the Time-Series-Library anomaly layout: train.csv, test.csv, test_label.csv"
@@ -409,16 +409,10 @@ class AnomalyDataModule(SplitsDataModule):
             if rows < self.win_size:
                 raise InputError(f"{self.source}: the {name} split has {rows} rows, fewer than "
                                  f"data.win_size={self.win_size}; use a shorter window or more rows")
-        self.mean = raw["train"].mean(0)
-        std = raw["train"].std(0)
-        if (std == 0).any():
-            col = raw["columns"][int(np.flatnonzero(std == 0)[0])]
-            raise InputError(f"{self.source}: channel '{col}' is constant in train.csv (zero std), so it "
-                             "cannot be scaled; drop it")
-        self.std = std
+        self.mean, self.std = fit_scaler(raw["train"], raw["columns"], self.source, "in train.csv")
         self.columns, self.segments = raw["columns"], raw["segments"]
-        self.train_series = (raw["train"] - self.mean) / std  # all of train.csv: the threshold's statistics
-        self.test_series = (raw["test"] - self.mean) / std
+        self.train_series = (raw["train"] - self.mean) / self.std  # all of train.csv: the threshold's statistics
+        self.test_series = (raw["test"] - self.mean) / self.std
         self.test_labels = raw["labels"]
         self.splits = {
             "train": AnomalyWindows(self.train_series[:n_fit], self.win_size, self.step),

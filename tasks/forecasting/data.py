@@ -179,6 +179,19 @@ def _names(columns: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(columns)} in all)" if len(columns) > limit else "")
 
 
+def fit_scaler(train: np.ndarray, columns: Sequence[str], source: str,
+               where: str = "over the training rows") -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel ``(mean, std)`` of the training rows ``train [N, C]`` (``columns``: their
+    names), the scaling a model's inputs get; a channel with zero std cannot be scaled and is
+    refused in one line naming ``source``, the column and ``where`` its rows are from."""
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    constant = np.flatnonzero(std == 0)
+    if len(constant):
+        raise InputError(f"{source}: column '{columns[constant[0]]}' is constant {where} (zero std), so it "
+                         "cannot be scaled; drop it or give a longer series")
+    return mean, std
+
+
 # --------------------------------------------------------------------------- windows
 def min_rows(seq_len: int, pred_len: int) -> int:
     """The fewest rows a series needs: one training window, ``pred_len`` targets for validation
@@ -296,14 +309,10 @@ class ForecastDataModule(L.LightningDataModule):
                     "seq_len/pred_len or a longer series")
 
         values = frame[columns].to_numpy(dtype=np.float64)
-        train = values[starts[0]:ends[0]]
-        self.mean = train.mean(axis=0) if self.scale else np.zeros(len(columns))
-        std = train.std(axis=0) if self.scale else np.ones(len(columns))
-        constant = [c for c, s in zip(columns, std) if s == 0]
-        if constant:
-            raise InputError(f"{source}: column '{constant[0]}' is constant over the training rows "
-                             "(zero std), so it cannot be scaled; drop it or give a longer series")
-        self.std = std
+        if self.scale:
+            self.mean, self.std = fit_scaler(values[starts[0]:ends[0]], columns, source)
+        else:
+            self.mean, self.std = np.zeros(len(columns)), np.ones(len(columns))
         scaled = (values - self.mean) / self.std
         self.frame, self.columns, self.target_name, self.source = frame, columns, target, source
         self.splits = {n: scaled[s:e] for n, s, e in zip(("train", "val", "test"), starts, ends)}

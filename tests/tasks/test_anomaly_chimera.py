@@ -87,7 +87,7 @@ def test_loader_reads_the_layout_and_scales_with_train_only(tmp_path):
     (lambda f: pd.read_csv(f / "train.csv").assign(b=lambda d: d["b"].astype(object).where(d.index != 7, "9,5 V"))
      .to_csv(f / "train.csv", index=False), "column 'b' holds a non-number ('9,5 V') at row 7"),
     (lambda f: pd.read_csv(f / "train.csv").assign(c=1.0).to_csv(f / "train.csv", index=False),
-     "channel 'c' is constant in train.csv"),
+     "column 'c' is constant in train.csv"),
     (lambda f: pd.read_csv(f / "test.csv").rename(columns={"c": "z"}).to_csv(f / "test.csv", index=False),
      "test.csv's channels (a, b, z) differ"),
     (lambda f: pd.read_csv(f / "test_label.csv").assign(label=2).to_csv(f / "test_label.csv", index=False),
