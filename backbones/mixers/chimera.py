@@ -8,10 +8,11 @@ the paper calls 2-D Mamba)::
 
     u, z  = in_proj(x)                                   # [B, V, T, E] each: SSM input and gate
     u     = silu(causal depthwise conv(u))               # along time, per variate (kernel d_conv)
-    for each direction along the variates (top-down and bottom-up, both by default):
+    for each head (one by default; ``heads=`` trend and seasonal, below):
+      for each direction along the variates (top-down and bottom-up, both by default):
         Δ^t, Δ^v, B^t, B^v, C^t, C^v = selection(u)      # input-dependent: [B, V, T, E] / [B, V, T, N]
         y_dir = 2-D SSM(u; Δ, B, C, A_time, A_variate, couplings)   # seqapps.kernels.scan2d
-    y     = (Σ_dir y_dir + D u) · silu(z)
+    y     = (Σ_head Σ_dir y_dir + D u) · silu(z)         # silu(z): the data-dependent gate
     out   = out_proj(y)                                  # [B, V, T, C]
 
 The 2-D SSM (see ``seqapps.kernels.scan2d``): per cell two states, ``h^time`` carried along time
@@ -21,6 +22,18 @@ low-rank projection, as Mamba's; initialised in 1e-3..0.1 along time, as Mamba's
 along the short variate axis, see ``dt_min_variate``). ``A_time``, ``A_variate`` are S4D-real (``-(n + 1)``) decays;
 the couplings start at half their size (``+(n + 1) / 2``), so each state's gain per step,
 ``Ā + Ā_cross = exp(ΔA) + (1 - exp(ΔA)) / 2``, starts at most 1.
+
+Heads. Chimera learns long-term progression and seasonal patterns with two 2-D SSM heads that
+differ in their discretisation along time: the step ``Δ^t`` sets the resolution at which a head
+reads the series, so a head of small steps (slow decay, a memory of hundreds of steps) follows
+the long-term progression and a head of large steps (fast decay, a memory of a few steps at a
+coarse resolution) the seasonal detail. ``heads={"trend": (1e-3, 1e-2), "seasonal": (0.1, 1.0)}``
+builds one head per entry, each with its own selection, transitions and initial range of
+``Δ^t``, all reading the same ``u`` and summed under the one gate. The default (``heads=None``)
+is a single head with ``Δ^t`` in ``(dt_min, dt_max)``. (The paper's method section was not
+available to us; the two-head design follows its abstract and figure 1: "two input-dependent 2-D
+SSM heads with different discretization processes to learn long-term progression and seasonal
+patterns", with smaller steps for the long-term and larger for the seasonal head.)
 
 Directions. The variates have no natural order, so by default the 2-D SSM runs twice, down the
 variates and up them (each with its own selection and transitions), and the outputs are
@@ -38,7 +51,7 @@ default (``tied_coupling=True``) one coupling per channel and state serves both 
 (``A_time_from_variate = A_variate_from_time``); ``tied_coupling=False`` learns both.
 
 Streaming along time. The state after a column: ``(conv cache [B, V, E, d_conv - 1], then per
-direction the 2-D SSM state [B, V, 2, E, N]`` (per variate ``h^time`` and ``h^var`` of the last
+head and direction the 2-D SSM state [B, V, 2, E, N]`` (per variate ``h^time`` and ``h^var`` of the last
 column, float32; both directions indexed in the natural variate order)). ``forward`` on a
 grid, ``forward`` on consecutive pieces of it along time with the state carried, and ``step``
 column by column give the same outputs. ``num_variates`` (constructor) fixes ``V`` for
@@ -46,15 +59,14 @@ column by column give the same outputs. ``num_variates`` (constructor) fixes ``V
 ``num_variates=V``, ``step`` takes one time column ``x_t [B, V, C]`` and returns ``y_t [B, V, C]``.
 ``forward`` takes any ``V`` (its state shapes follow the grid it is given).
 
-Left out: the rest of the Chimera model (its second, seasonal 2-D SSM head with another
-discretisation, the data-dependent gating head, the trend/seasonal decomposition and the
-forecasting decoder), which are the forecasting model's, not a token mixer's; the fused
-CUDA kernel (``scan2d`` is plain PyTorch on every device).
+Left out: the fused CUDA kernel (``scan2d`` is plain PyTorch on every device). The series
+decomposition and the forecasting heads are the model's (``seqapps.tasks.forecasting.chimera``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +132,9 @@ class Chimera(Mixer):
             of two such factors, ~1e-4, in the output of a neighbouring variate), so the
             cross-variate path starts switched off and barely trains; steps of 0.1..1 start it at
             a coupling of about 0.05..0.5 and a memory of a few rows.
+        heads: ``{name: (dt_min, dt_max)}``, one 2-D SSM head per entry with its own initial range
+            of steps along time (e.g. ``{"trend": (1e-3, 1e-2), "seasonal": (0.1, 1.0)}``, the
+            paper's two heads); ``None`` (default) is one head with ``(dt_min, dt_max)``.
         bidirectional: run the 2-D SSM down and up the variates and sum (default, as the paper).
         cross_variate: let states cross between variates; ``False`` makes the variates independent.
         tied_coupling: one coupling for both directions between the two states (default; see
@@ -133,7 +148,7 @@ class Chimera(Mixer):
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_min_variate: float = 0.1, dt_max_variate: float = 1.0,
-                 bidirectional: bool = True, cross_variate: bool = True,
+                 heads: Mapping[str, Sequence[float]] | None = None, bidirectional: bool = True, cross_variate: bool = True,
                  tied_coupling: bool = True, num_variates: int | None = None, bias: bool = False,
                  conv_bias: bool = True):
         super().__init__(dim)
@@ -148,16 +163,20 @@ class Chimera(Mixer):
 
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=bias)
         self.conv = ShortConvolution(self.d_inner, d_conv, activation=True, bias=conv_bias)
+        self.heads = _time_step_ranges(heads, (dt_min, dt_max))
+        directions = (False, True) if bidirectional else (False,)
+        # flat, head-major: head h's directions are entries h * len(directions) ... (one state each)
         self.directions = nn.ModuleList([
-            VariateDirection(self.d_inner, d_state, self.dt_rank, (dt_min, dt_max), (dt_min_variate, dt_max_variate),
+            VariateDirection(self.d_inner, d_state, self.dt_rank, dt_range, (dt_min_variate, dt_max_variate),
                              tied_coupling)
-            for _ in range(2 if bidirectional else 1)])
+            for dt_range in self.heads.values() for _ in directions])
+        self.reversed = directions * len(self.heads)
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, dim, bias=bias)
 
     # -- state
     def init_state(self, batch_size: int, device=None, dtype=None, num_variates: int | None = None) -> State:
-        """``(conv cache [B, V, E, d_conv - 1], one 2-D SSM state [B, V, 2, E, N] per direction)``;
+        """``(conv cache [B, V, E, d_conv - 1], one 2-D SSM state [B, V, 2, E, N] per head and direction)``;
         ``V`` = ``num_variates``, else the constructor's, else 1."""
         v = num_variates or self.num_variates or 1
         dtype = dtype or torch.get_default_dtype()
@@ -213,11 +232,11 @@ class Chimera(Mixer):
 
     # -- the layer
     def _ssm(self, u: torch.Tensor, z: torch.Tensor, ssm_states: State, backend: str) -> tuple[torch.Tensor, State]:
-        """``u, z [B, V, T, E]`` (after the convolution) and one state per direction ->
+        """``u, z [B, V, T, E]`` (after the convolution) and one state per head and direction ->
         ``(out_proj(y) [B, V, T, C], new states)``."""
         y = u * self.D
         new_states = []
-        for direction, reverse, ssm_state in zip(self.directions, (False, True), ssm_states):
+        for direction, reverse, ssm_state in zip(self.directions, self.reversed, ssm_states):
             y_direction, ssm_state = self._scan(direction, u, ssm_state, reverse, backend)
             y = y + y_direction
             new_states.append(ssm_state)
@@ -253,3 +272,21 @@ class Chimera(Mixer):
         if got != want:
             raise InputError(f"Chimera: state shapes {got} do not fit a batch of {batch_size} with {num_variates} "
                              f"variates; expected {want} (a state from another batch size or grid?)")
+
+
+def _time_step_ranges(heads: Mapping[str, Sequence[float]] | None,
+                      default: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """``heads`` as ``{name: (dt_min, dt_max)}``, checked; ``None`` -> one head of ``default``."""
+    if heads is None:
+        return {"time": default}
+    if not isinstance(heads, Mapping) or not heads:
+        raise InputError(f"Chimera: heads={heads!r}; expected a mapping of head names to (dt_min, dt_max), "
+                         "e.g. {trend: [0.001, 0.01], seasonal: [0.1, 1.0]}")
+    ranges = {}
+    for name, dt_range in heads.items():
+        if (isinstance(dt_range, (str, bytes)) or not isinstance(dt_range, Sequence) or len(dt_range) != 2
+                or not 0 < float(dt_range[0]) <= float(dt_range[1])):
+            raise InputError(f"Chimera: head '{name}' has steps {dt_range!r}; expected (dt_min, dt_max) with "
+                             "0 < dt_min <= dt_max")
+        ranges[str(name)] = (float(dt_range[0]), float(dt_range[1]))
+    return ranges

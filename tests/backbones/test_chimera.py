@@ -13,6 +13,7 @@ from seqapps.errors import InputError
 
 DIM, BATCH, V, T = 16, 2, 3, 9
 SMALL = {"d_state": 4, "expand": 2}
+TREND_SEASONAL = {"trend": (1e-3, 1e-2), "seasonal": (0.1, 1.0)}
 
 
 def make(**kwargs) -> torch.nn.Module:
@@ -55,8 +56,9 @@ def test_top_down_only_when_not_bidirectional():
     assert diff[0].max() == 0 and (diff[1:, 5:] > 0).all()
 
 
-def test_streaming_a_grid_column_by_column_equals_the_whole_grid():
-    mixer, x = make(num_variates=V), grid()
+@pytest.mark.parametrize("heads", [None, TREND_SEASONAL])
+def test_streaming_a_grid_column_by_column_equals_the_whole_grid(heads):
+    mixer, x = make(num_variates=V, heads=heads), grid()
     with torch.no_grad():
         y, final = mixer(x)
         state, pieces = None, []
@@ -141,6 +143,39 @@ def test_each_axis_has_its_own_initial_step_range_and_the_variate_one_opens_the_
     assert coupling_gain(direction.dt_proj_variate.bias) > 0.1 > 0.05 > coupling_gain(narrow.dt_proj_variate.bias)
     with pytest.raises(InputError, match="dt_min"):
         make(dt_min_variate=1.0, dt_max_variate=0.5)
+
+
+def test_trend_and_seasonal_heads_have_their_own_steps_along_time_and_all_train():
+    import torch.nn.functional as F
+
+    mixer = make(heads=TREND_SEASONAL).train()
+    assert list(mixer.heads) == ["trend", "seasonal"] and len(mixer.directions) == 4  # 2 heads x 2 directions
+    assert len(mixer.init_state(BATCH, num_variates=V)) == 1 + 4
+    for index, (low, high) in enumerate([TREND_SEASONAL["trend"]] * 2 + [TREND_SEASONAL["seasonal"]] * 2):
+        dt_time = F.softplus(mixer.directions[index].dt_proj_time.bias)
+        assert low * 0.99 <= dt_time.min() and dt_time.max() <= high * 1.01
+    # the seasonal head forgets faster: its output hardly reads a change made long ago, the trend head's does
+    x = grid(t=60)
+    changed = x.clone()
+    changed[:, :, 0] += 3.0
+    with torch.no_grad():
+        heads_response = []
+        for head in (0, 2):  # the first direction of each head, on the grid's first channel as its input
+            direction = mixer.directions[head]
+            y_x, _ = mixer._scan(direction, x[..., :1].expand(-1, -1, -1, mixer.d_inner).contiguous(),
+                                 mixer.init_state(BATCH, num_variates=V)[1 + head], False, "auto")
+            y_c, _ = mixer._scan(direction, changed[..., :1].expand(-1, -1, -1, mixer.d_inner).contiguous(),
+                                 mixer.init_state(BATCH, num_variates=V)[1 + head], False, "auto")
+            heads_response.append((y_c - y_x)[:, :, -1].abs().mean().item())
+    trend_response, seasonal_response = heads_response
+    assert trend_response > 10 * seasonal_response
+    y, _ = mixer(grid())
+    y.pow(2).mean().backward()
+    missing = [n for n, p in mixer.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+    for bad in ({}, {"trend": (0.1,)}, {"trend": (0.1, 0.01)}, ["trend"]):
+        with pytest.raises(InputError, match="heads=|head 'trend'"):
+            make(heads=bad)
 
 
 def test_untied_couplings_all_train_on_a_grid():
