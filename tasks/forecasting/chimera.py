@@ -20,9 +20,11 @@ Any seqapps 1-D stack can replace the 2-D one: with ``layout="grid"`` a 1-D mixe
 each variate separately (channel independence); with ``layout="channels"`` all variates of a time
 step (or patch) are embedded into one token and the stack mixes ``[B, P, D]``.
 
-Left out from the paper's full system: its second (seasonal) 2-D SSM head with another
-discretisation, the data-dependent gating of the two heads, the trend/seasonal decomposition and
-the closed-loop decoder for long horizons (the mixer's docstring says the same).
+The paper's two 2-D SSM heads (long-term progression and seasonal patterns, with different
+discretisations along time) are the mixer's ``heads`` option; its closed-loop decoder for long
+horizons is ``ChimeraForecaster(decoder="closed_loop")``. Left out: an explicit trend/seasonal
+decomposition of the input ahead of the two heads (the paper's method section was not available
+to us; each head reads the same input, and the gate mixes them).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from seqapps.errors import InputError
 from seqapps.tasks.forecasting.revin import RevIN
 
 LAYOUTS = ("auto", "grid", "channels")
+DECODERS = ("linear", "closed_loop")
 
 
 def chimera_stack(dim: int = 32, depth: int = 2, cross_variate: bool = True, **mixer: Any) -> SequenceStack:
@@ -108,17 +111,27 @@ class SeriesEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, V]`` -> the input tokens, ``[B, V, P, D]`` (grid) or ``[B, P, D]`` (channels)."""
-        patches = self.patches(x)
+        return self.embed_patches(self.patches(x))
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """``patches [B, V, P, patch_len]`` -> tokens ``[B, V, P, D]`` (grid) or ``[B, P, D]`` (channels)."""
         if self.layout == "channels":
             return self.dropout(self.value_embedding(patches.permute(0, 2, 1, 3).flatten(2)))  # [B, P, V * patch] -> [B, P, D]
         return self.dropout(self.value_embedding(patches) + self.variate_embedding[:, None])  # [B, V, P, D]
 
     def mix(self, tokens: torch.Tensor) -> torch.Tensor:
         """The stack over the tokens of :meth:`embed` (same shape out)."""
+        return self.mix_on(tokens)[0]
+
+    def mix_on(self, tokens: torch.Tensor, state: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        """The stack over ``tokens`` from ``state`` (``None``: the start) -> ``(tokens, state after
+        them)``: tokens given piece by piece along time, each from the state the last one left,
+        give what the whole gives (every stack is causal in time)."""
         if self.layout == "channels" or getattr(self.backbone, "grid_native", False):
-            return self.backbone(tokens)[0]
+            return self.backbone(tokens, state)
         b, v, p, d = tokens.shape  # a 1-D stack: each variate its own sequence
-        return self.backbone(tokens.reshape(b * v, p, d))[0].view(b, v, p, d)
+        out, state = self.backbone(tokens.reshape(b * v, p, d), state)
+        return out.view(b, v, p, d), state
 
 
 class ChimeraForecaster(nn.Module):
@@ -127,41 +140,77 @@ class ChimeraForecaster(nn.Module):
     ``n_out == n_in`` (features ``M``/``S``) forecasts every variate; ``n_out == 1`` (``MS``) the
     last one (the target), from the grid of all of them.
 
+    Decoders. ``decoder="linear"`` (default) reads the whole grid at once: a flatten-linear map to
+    ``pred_len`` steps. ``decoder="closed_loop"`` is the paper's closed loop for long horizons:
+    a head maps the last time token to the next patch of every variate, that patch is embedded
+    and fed back through the stack from the state the lookback left, and so on until
+    ``pred_len`` steps are out: the forecast is a rollout of the model on its own outputs, at
+    constant memory per step, trained through the rollout (the loss is on the forecast, as at
+    test time). :meth:`forecast` rolls out any horizon from the same model.
+
     Args:
         backbone: the stack (default: two Chimera blocks of width 32); see :class:`SeriesEncoder`.
         patch_len: time steps per token (1: one grid cell per observation, as the paper).
         revin: normalise each window by its own statistics and undo it on the forecast.
         layout, dropout: as :class:`SeriesEncoder`.
+        decoder: ``linear`` or ``closed_loop`` (above).
     """
 
     def __init__(self, seq_len: int, pred_len: int, n_in: int, n_out: int | None = None,
                  backbone: nn.Module | Mapping | None = None, patch_len: int = 1, revin: bool = True,
-                 layout: str = "auto", dropout: float = 0.0):
+                 layout: str = "auto", dropout: float = 0.0, decoder: str = "linear"):
         super().__init__()
         n_out = n_in if n_out is None else n_out
         if n_out not in (1, n_in):
             raise InputError(f"ChimeraForecaster: n_out={n_out} with n_in={n_in}; n_out must be 1 (MS) or n_in (S, M)")
-        self.seq_len, self.pred_len, self.n_in, self.n_out = seq_len, pred_len, n_in, n_out
+        if decoder not in DECODERS:
+            raise InputError(f"ChimeraForecaster: decoder='{decoder}' is not one of {', '.join(DECODERS)}")
+        self.seq_len, self.pred_len, self.n_in, self.n_out, self.decoder = seq_len, pred_len, n_in, n_out, decoder
         self.encoder = SeriesEncoder(n_in, backbone, patch_len, layout, dropout)
         self.revin = RevIN() if revin else None
-        flat = self.encoder.num_tokens(seq_len) * self.encoder.dim
         per_token = self.encoder.layout == "grid"
-        self.head = nn.Linear(flat, pred_len if per_token else pred_len * n_out)
+        if decoder == "closed_loop":  # a token -> the next patch: of its variate (grid) or of all (channels)
+            self.head = nn.Linear(self.encoder.dim, patch_len if per_token else patch_len * n_in)
+        else:
+            flat = self.encoder.num_tokens(seq_len) * self.encoder.dim
+            self.head = nn.Linear(flat, pred_len if per_token else pred_len * n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, seq_len, n_in]`` -> ``[B, pred_len, n_out]``."""
+        return self.forecast(x, self.pred_len)
+
+    def forecast(self, x: torch.Tensor, horizon: int) -> torch.Tensor:
+        """``x [B, seq_len, n_in]`` -> ``[B, horizon, n_out]``; a horizon other than ``pred_len``
+        needs the closed-loop decoder."""
         if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.n_in:
             raise InputError(f"ChimeraForecaster expects x of shape [batch, {self.seq_len}, {self.n_in}], "
                              f"got {list(x.shape)}")
+        if horizon != self.pred_len and self.decoder != "closed_loop":
+            raise InputError(f"ChimeraForecaster: a horizon of {horizon} steps from a model trained for "
+                             f"{self.pred_len} needs decoder='closed_loop'")
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalize(x)
-        tokens = self.encoder(x)
-        if self.encoder.layout == "grid":
-            y = self.head(tokens.flatten(2)).transpose(1, 2)[..., -self.n_out:].contiguous()  # [B, V, P*D] -> [B, pred_len, n_out]
+        if self.decoder == "closed_loop":
+            y = self._roll_out(x, horizon)[..., -self.n_out:]
+        elif self.encoder.layout == "grid":
+            y = self.head(self.encoder(x).flatten(2)).transpose(1, 2)[..., -self.n_out:].contiguous()  # [B, V, P*D] -> [B, pred_len, n_out]
         else:
-            y = self.head(tokens.flatten(1)).view(-1, self.pred_len, self.n_out)
+            y = self.head(self.encoder(x).flatten(1)).view(-1, self.pred_len, self.n_out)
         return y if stats is None else self.revin.denormalize(y, stats)
+
+    def _roll_out(self, x: torch.Tensor, horizon: int) -> torch.Tensor:
+        """The closed loop: ``x [B, seq_len, V]`` (normalised) -> ``[B, horizon, V]``."""
+        p, v = self.encoder.patch_len, self.n_in
+        hidden, state = self.encoder.mix_on(self.encoder.embed(x))
+        patches = []
+        for step in range(math.ceil(horizon / p)):
+            last = hidden[..., -1, :]  # the last time token: [B, V, D] (grid) or [B, D] (channels)
+            patch = self.head(last).view(-1, v, p)  # [B, V, p]: the next patch of every variate
+            patches.append(patch)
+            if (step + 1) * p < horizon:  # feed it back, one time column of tokens
+                hidden, state = self.encoder.mix_on(self.encoder.embed_patches(patch[:, :, None]), state)
+        return torch.cat(patches, -1)[..., :horizon].transpose(1, 2)  # [B, V, steps * p] -> [B, horizon, V]
 
 
 class ChimeraReconstructor(nn.Module):
