@@ -2,10 +2,11 @@
 
 A kernel is one C file with no dependency beyond libc and pthreads. It is compiled once per
 machine with the system's C compiler (``$CC``, else ``cc``) for the processor at hand
-(``-O3 -march=native``, plus ``$SEQAPPS_CFLAGS``), into ``$SEQAPPS_CACHE`` (default ``~/.cache/seqapps``) under a name that
-hashes the source, the flags and the processor, so an edit or another machine builds afresh. The
-library is written to a temporary name and renamed into place: a build that fails or is
-interrupted leaves nothing half-written. Without a compiler (or with ``SEQAPPS_CPU_KERNELS=0``)
+(``-O3 -march=native``, plus ``$SEQAPPS_CFLAGS``), into ``kernels/`` of :func:`cache_root`
+(``$SEQAPPS_CACHE``, default ``~/.cache/seqapps``) under a name that hashes the source, the flags
+and the processor, so an edit or another machine builds afresh. The library is written to a
+temporary name and renamed into place: a build that fails or is interrupted leaves nothing
+half-written. Without a compiler (or with ``SEQAPPS_CPU_KERNELS=0``)
 ``library()`` returns ``None`` and the callers use the PyTorch implementations; the reason is
 given once as a warning.
 """
@@ -28,10 +29,17 @@ _OPTIMISE = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 _FLAG_SETS = (_OPTIMISE + ["-march=native"], _OPTIMISE)  # the second for compilers without -march=native
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """The folder of everything seqapps builds or generates once per machine (compiled kernels
+    here, generated LMs and embeddings in the tasks): ``$SEQAPPS_CACHE``, else
+    ``$XDG_CACHE_HOME/seqapps``, else ``~/.cache/seqapps``."""
     root = os.environ.get("SEQAPPS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                           "seqapps")
-    return Path(root) / "kernels"
+    return Path(root)
+
+
+def cache_dir() -> Path:
+    return cache_root() / "kernels"
 
 
 def _processor() -> str:

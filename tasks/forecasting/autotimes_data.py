@@ -38,17 +38,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from seqapps.errors import InputError
+from seqapps.kernels.compiled import cache_root as seqapps_cache_root
 from seqapps.tasks.forecasting.data import ForecastDataModule, builtin_frame, check_frame, read_tslib_csv
 
 TEMPLATE = "This is Time Series from {start} to {end}"
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where generated LMs and timestamp embeddings live: ``cache_dir``, ``$SEQAPPS_CACHE`` or
-    ``~/.cache/seqapps``."""
-    if cache_dir:
-        return Path(cache_dir)
-    return Path(os.environ.get("SEQAPPS_CACHE") or Path.home() / ".cache" / "seqapps")
+    """Where generated LMs and timestamp embeddings live: ``cache_dir``, else the seqapps cache
+    (:func:`seqapps.kernels.compiled.cache_root`: ``$SEQAPPS_CACHE``, ``$XDG_CACHE_HOME/seqapps`` or
+    ``~/.cache/seqapps``)."""
+    return Path(cache_dir) if cache_dir else seqapps_cache_root()
 
 
 def timestamp_texts(dates: pd.Series, token_len: int, extra: int = 0, template: str = TEMPLATE) -> list[str]:
@@ -154,7 +154,7 @@ class AutoTimesDataModule(ForecastDataModule):
             held-out series scored zero-shot and in-context at ``pred_len`` with a lookback of
             ``seq_len`` rows (default ``data.seq_len``); ``control: {dataset | path}`` adds the
             same windows with the prompt from that other source; ``null``: none.
-        cache_dir: generated LMs and timestamp embeddings (default ``~/.cache/seqapps``).
+        cache_dir: generated LMs and timestamp embeddings (default: the seqapps cache, :func:`cache_root`).
     """
 
     def __init__(self, path: str | None = None, dataset: str = "weather", seq_len: int = 672,

@@ -14,7 +14,7 @@ from seqapps.config import compose
 from seqapps.errors import InputError
 from seqapps.runs import load_module, resolve_checkpoint
 from seqapps.tasks.forecasting.autotimes import AutoTimes, StackLM, build_lm, make_tiny_lm
-from seqapps.tasks.forecasting.autotimes_data import AutoTimesDataModule, timestamp_texts
+from seqapps.tasks.forecasting.autotimes_data import AutoTimesDataModule, cache_root, timestamp_texts
 from seqapps.train import run_train
 
 S = 8  # token_len in these tests
@@ -208,3 +208,15 @@ def test_seq_len_must_be_whole_segments(tiny_lm):
 def test_bad_lm_kind():
     with pytest.raises(InputError, match="lm.kind='gpt'"):
         build_lm({"kind": "gpt"})
+
+
+def test_generated_lms_share_the_compiled_kernels_cache_root(monkeypatch, tmp_path):
+    """One cache root for the whole package: $SEQAPPS_CACHE, else $XDG_CACHE_HOME/seqapps."""
+    from seqapps.kernels.compiled import cache_dir
+
+    monkeypatch.delenv("SEQAPPS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "seqapps" and cache_dir() == cache_root() / "kernels"
+    monkeypatch.setenv("SEQAPPS_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine" and cache_dir() == tmp_path / "mine" / "kernels"
+    assert cache_root(tmp_path / "given") == tmp_path / "given"
