@@ -173,14 +173,23 @@ def test_train_classify_series_end_to_end(tmp_path):
     assert 0.0 <= metrics["test/model/acc"] <= 1.0
 
 
-def test_train_forecast_chimera_on_a_users_csv(tmp_path):
+PAPER_CHIMERA = ["+backbone.mixer_kwargs.chimera.heads={trend:[0.001,0.01],seasonal:[0.1,1.0]}",
+                 "module.net.decoder=closed_loop", "export=true"]
+
+
+@pytest.mark.parametrize("paper", [False, True], ids=["default", "two_heads_closed_loop_exported"])
+def test_train_forecast_chimera_on_a_users_csv(tmp_path, paper):
     csv = write_tslib_csv(tmp_path / "my.csv", n=300)
     cfg = compose("train", ["task=forecast_chimera", f"data.path={csv}", "data.seq_len=24", "data.pred_len=8",
                             "trainer.max_epochs=1", "backbone.dim=8", "backbone.depth=1", "module.net.patch_len=4",
-                            f"paths.runs={tmp_path / 'runs'}", *QUIET])
+                            f"paths.runs={tmp_path / 'runs'}", *QUIET, *(PAPER_CHIMERA if paper else [])])
     run_dir = run_train(cfg)
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["test/model/mse"] > 0 and "test/seasonal_naive/mse" in metrics
+    if paper:
+        layer = next(m for m in torch.load(next(run_dir.glob("checkpoints/*.ckpt")), weights_only=False)
+                     ["state_dict"] if "directions.3." in m)  # 2 heads x 2 directions
+        assert layer and any((run_dir / "export").glob("*.onnx"))
 
 
 def test_default_backbone_is_two_chimera_blocks():
