@@ -28,19 +28,23 @@ def raw_series_example(length: int, width: int, mean, std) -> tuple[torch.Tensor
 
 
 class StandardisedExport:
-    """Export for task modules whose exported graph is ``export_wrapper(net, mean, std)``: the
-    net behind a per-channel standardisation with the training data's statistics (``data_info``
-    ``mean``, ``std``). Set ``export_wrapper`` on the subclass."""
+    """Export for task modules whose exported graph is ``export_wrapper(net, mean, std, **extra)``:
+    the net behind a standardisation with the training data's statistics (``data_info`` ``mean``,
+    ``std``). Set ``export_wrapper`` on the subclass; ``export_extra()`` adds further arguments."""
 
     export_wrapper: type
+
+    def export_extra(self) -> dict:
+        """Further keyword arguments of ``export_wrapper`` (none by default)."""
+        return {}
 
     def export_spec(self) -> dict:
         wrapper = self.export_wrapper
         return {"_target_": f"{wrapper.__module__}.{wrapper.__qualname__}", "net": self.hparams.net,
-                "mean": self.data_info["mean"], "std": self.data_info["std"]}
+                "mean": self.data_info["mean"], "std": self.data_info["std"], **self.export_extra()}
 
     def export_module(self) -> nn.Module:
-        return self.export_wrapper(self.net, self.data_info["mean"], self.data_info["std"])
+        return self.export_wrapper(self.net, self.data_info["mean"], self.data_info["std"], **self.export_extra())
 
 
 class SeqappsModule(L.LightningModule):

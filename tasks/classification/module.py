@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from seqapps.tasks import plotting
-from seqapps.tasks.base import SeqappsModule
+from seqapps.tasks.base import SeqappsModule, StandardisedExport
 
 
 class Standardised(nn.Module):
@@ -41,8 +41,10 @@ class Standardised(nn.Module):
         return self.net.step((x_t - self.mean) / self.std, state)
 
 
-class ClassifyModule(SeqappsModule):
+class ClassifyModule(StandardisedExport, SeqappsModule):
     """Train ``net: x -> logits [B, num_classes]`` with cross-entropy (label smoothing optional)."""
+
+    export_wrapper = Standardised
 
     def __init__(self, net: Mapping, optimizer: Mapping, scheduler: Mapping | None = None,
                  freeze: str = "full", label_smoothing: float = 0.0):
@@ -74,13 +76,6 @@ class ClassifyModule(SeqappsModule):
         self.log("test/model/acc", self.test_acc, batch_size=len(x))
 
     # -- export
-    def export_spec(self) -> dict:
-        return {"_target_": f"{Standardised.__module__}.{Standardised.__qualname__}", "net": self.hparams.net,
-                "mean": self.data_info["mean"], "std": self.data_info["std"]}
-
-    def export_module(self) -> nn.Module:
-        return Standardised(self.net, self.data_info["mean"], self.data_info["std"])
-
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         info = self.data_info
         return (torch.rand(2, info["in_chans"], info["img_size"], info["img_size"]),)

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqapps.tasks import plotting
-from seqapps.tasks.base import SeqappsModule, raw_series_example
+from seqapps.tasks.base import SeqappsModule, StandardisedExport, raw_series_example
 from seqapps.tasks.build import to_plain
 from seqapps.tasks.forecasting.baselines import SeasonalNaive, classic_ar
 from seqapps.tasks.forecasting.metrics import forecast_metrics, stpe
 from seqapps.tasks.forecasting.model import ScaledForecaster, sparsity_lambda
 
 
-class ForecastModule(SeqappsModule):
+class ForecastModule(StandardisedExport, SeqappsModule):
     """Train a forecaster ``x [B, seq_len, C_in] -> [B, pred_len, C_out]`` on scaled windows.
 
     Args:
@@ -31,6 +31,7 @@ class ForecastModule(SeqappsModule):
     """
 
     predictor = "seqapps.tasks.forecasting.predict.forecast_csv"
+    export_wrapper = ScaledForecaster
 
     def __init__(self, net: Mapping, optimizer: Mapping, scheduler: Mapping | None = None,
                  freeze: str = "full", regularizer: Mapping | None = None,
@@ -142,15 +143,8 @@ class ForecastModule(SeqappsModule):
         return self.net(x) * std + mean
 
     # -- export
-    def export_spec(self) -> dict:
-        info = self.data_info
-        return {"_target_": f"{ScaledForecaster.__module__}.{ScaledForecaster.__qualname__}",
-                "net": self.hparams.net, "mean": info["mean"], "std": info["std"],
-                "n_out": info["n_out"]}
-
-    def export_module(self) -> nn.Module:
-        info = self.data_info
-        return ScaledForecaster(self.net, info["mean"], info["std"], info["n_out"])
+    def export_extra(self) -> dict:
+        return {"n_out": self.data_info["n_out"]}
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         info = self.data_info
