@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from seqapps.tasks.base import StandardisedExport, raw_series_example
+from seqapps.tasks.base import raw_series_example
 from seqapps.tasks.classification.module import ClassifyModule
 from seqapps.tasks.forecasting.chimera import SeriesEncoder
 from seqapps.tasks.standardised import Standardised
@@ -54,7 +54,7 @@ class ChannelStandardised(Standardised):
         return self.net(torch.where(torch.isnan(scaled), torch.zeros_like(scaled), scaled))
 
 
-class ClassifySeries(StandardisedExport, ClassifyModule):
+class ClassifySeries(ClassifyModule):
     """:class:`ClassifyModule` for series: the same training, accuracy and confusion matrix;
     exports :class:`ChannelStandardised` (per-channel statistics) with a ``[B, T, C]`` input."""
 
