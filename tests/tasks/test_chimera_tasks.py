@@ -151,6 +151,9 @@ def test_closed_loop_trained_at_a_short_horizon_forecasts_a_longer_one():
     ["experiment=series_chimera_basicmotions_nocross"],
     ["experiment=series_chimera_gunpoint"],
     ["experiment=series_chimera_italypowerdemand"],
+    ["experiment=series_chimera_japanesevowels_heads"],
+    ["experiment=series_chimera_japanesevowels_heads_nocross"],
+    ["experiment=weather_chimera_paper"],
 ])
 def test_configs_compose(overrides):
     cfg = compose("train", overrides)
@@ -162,6 +165,10 @@ def test_configs_compose(overrides):
     nocross = any(o.endswith("_nocross") for o in overrides)
     if cfg.backbone.mixer.name == "chimera":
         assert cfg.backbone.mixer.cross_variate is not nocross
+    if any("_heads" in o or o.endswith("_paper") for o in overrides):
+        assert set(cfg.backbone.mixer_kwargs.chimera.heads) == {"trend", "seasonal"}
+    if any(o.endswith("_paper") for o in overrides):
+        assert cfg.module.net.decoder == "closed_loop"
 
 
 def test_train_classify_series_end_to_end(tmp_path):
