@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqapps.backbones.stack import SequenceStack
@@ -145,8 +146,12 @@ class ChimeraForecaster(nn.Module):
     a head maps the last time token to the next patch of every variate, that patch is embedded
     and fed back through the stack from the state the lookback left, and so on until
     ``pred_len`` steps are out: the forecast is a rollout of the model on its own outputs, at
-    constant memory per step, trained through the rollout (the loss is on the forecast, as at
-    test time). :meth:`forecast` rolls out any horizon from the same model.
+    constant memory per step. :meth:`forecast` rolls out any horizon from the same model.
+    Training (:meth:`training_loss`): with ``teacher_forcing`` (default) the true future patches
+    are fed instead of the forecast ones, so the whole horizon is one parallel pass over
+    ``seq_len + pred_len`` steps (as an autoregressive LM trains); without it, through the
+    rollout itself (what test time does; sequential, ``pred_len / patch_len`` passes, slow at long
+    horizons on a CPU).
 
     Args:
         backbone: the stack (default: two Chimera blocks of width 32); see :class:`SeriesEncoder`.
@@ -154,11 +159,12 @@ class ChimeraForecaster(nn.Module):
         revin: normalise each window by its own statistics and undo it on the forecast.
         layout, dropout: as :class:`SeriesEncoder`.
         decoder: ``linear`` or ``closed_loop`` (above).
+        teacher_forcing: how the closed loop trains (above); ignored by the linear decoder.
     """
 
     def __init__(self, seq_len: int, pred_len: int, n_in: int, n_out: int | None = None,
                  backbone: nn.Module | Mapping | None = None, patch_len: int = 1, revin: bool = True,
-                 layout: str = "auto", dropout: float = 0.0, decoder: str = "linear"):
+                 layout: str = "auto", dropout: float = 0.0, decoder: str = "linear", teacher_forcing: bool = True):
         super().__init__()
         n_out = n_in if n_out is None else n_out
         if n_out not in (1, n_in):
@@ -166,6 +172,7 @@ class ChimeraForecaster(nn.Module):
         if decoder not in DECODERS:
             raise InputError(f"ChimeraForecaster: decoder='{decoder}' is not one of {', '.join(DECODERS)}")
         self.seq_len, self.pred_len, self.n_in, self.n_out, self.decoder = seq_len, pred_len, n_in, n_out, decoder
+        self.teacher_forcing = teacher_forcing
         self.encoder = SeriesEncoder(n_in, backbone, patch_len, layout, dropout)
         self.revin = RevIN() if revin else None
         per_token = self.encoder.layout == "grid"
@@ -198,6 +205,29 @@ class ChimeraForecaster(nn.Module):
         else:
             y = self.head(self.encoder(x).flatten(1)).view(-1, self.pred_len, self.n_out)
         return y if stats is None else self.revin.denormalize(y, stats)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The MSE of the forecast of ``x [B, seq_len, n_in]`` against ``y [B, pred_len, n_out]``;
+        the closed loop with teacher forcing feeds ``y``'s own patches (``n_out == n_in``)."""
+        if self.decoder != "closed_loop" or not self.teacher_forcing or self.n_out != self.n_in:
+            return F.mse_loss(self(x), y)
+        p, v = self.encoder.patch_len, self.n_in
+        steps = math.ceil(self.pred_len / p)
+        stats = None
+        future = y
+        if self.revin is not None:
+            x, stats = self.revin.normalize(x)
+            future = self.revin.apply_stats(y, stats)
+        fed = future[:, :(steps - 1) * p]  # every future patch but the last is an input
+        hidden = self.encoder(torch.cat([x, fed], 1))  # the lookback's patches as in forecast(), then the fed ones
+        # the last `steps` time tokens each give the next patch: [B, V, steps, p] (grid) or [B, steps, V, p]
+        patches = self.head(hidden[..., -steps:, :])
+        patches = patches.view(-1, v, steps, p) if self.encoder.layout == "grid" else \
+            patches.view(-1, steps, v, p).transpose(1, 2)
+        forecast = patches.flatten(2)[..., :self.pred_len].transpose(1, 2)  # [B, pred_len, V]
+        if stats is not None:
+            forecast = self.revin.denormalize(forecast, stats)
+        return F.mse_loss(forecast, y)
 
     def _roll_out(self, x: torch.Tensor, horizon: int) -> torch.Tensor:
         """The closed loop: ``x [B, seq_len, V]`` (normalised) -> ``[B, horizon, V]``."""

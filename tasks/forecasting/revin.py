@@ -36,11 +36,14 @@ class RevIN(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``x [B, T, C]`` -> ``(x_norm [B, T, C], (mean, std) [B, 1, C])``."""
-        mean, std = lookback_stats(x, self.eps)
+        stats = lookback_stats(x, self.eps)
+        return self.apply_stats(x, stats), stats
+
+    def apply_stats(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x [B, T, C]`` normalised with given statistics (e.g. a window's future with its lookback's)."""
+        mean, std = stats
         x = (x - mean) / std
-        if self.affine:
-            x = x * self.weight + self.bias
-        return x, (mean, std)
+        return x * self.weight + self.bias if self.affine else x
 
     def denormalize(self, y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``y [B, H, C']`` in the normalised space -> the series' own units."""

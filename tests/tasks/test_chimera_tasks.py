@@ -113,23 +113,29 @@ def test_closed_loop_rolls_out_any_horizon_by_feeding_its_forecast_back(backbone
     assert short.shape == (2, 6, 3) and long.shape == (2, 20, 3)
     torch.testing.assert_close(long[:, :6], short)  # one model, any horizon: the first steps agree
     torch.testing.assert_close(long, by_hand, rtol=1e-4, atol=1e-5)
+    # teacher forcing feeds the true future: when that future is the model's own forecast, the
+    # parallel teacher-forced pass predicts exactly the rollout (loss 0), and any other future not
+    assert net.training_loss(x, short).item() < 1e-10
+    assert net.training_loss(x, short + 0.1).item() > 1e-3
     with pytest.raises(InputError, match="closed_loop"):
         _forecaster().forecast(x, 8)
     with pytest.raises(InputError, match="decoder='attention'"):
         _forecaster(decoder="attention")
 
 
-def test_closed_loop_trained_at_a_short_horizon_forecasts_a_longer_one():
-    """Trained on 8-step forecasts of sines, the closed loop carries on at 32 steps, where a
-    seasonal-naive forecast of the last 8 steps is far off."""
+@pytest.mark.parametrize("teacher_forcing", [True, False])
+def test_closed_loop_trained_at_a_short_horizon_forecasts_a_longer_one(teacher_forcing):
+    """Trained on 8-step forecasts of sines (fed the true patches, or its own), the closed loop
+    carries on at 32 steps, where repeating the last 8 steps is far off."""
     torch.manual_seed(0)
     t = torch.arange(400.0)
     series = torch.stack([torch.sin(2 * torch.pi * t / 24), torch.cos(2 * torch.pi * t / 24 + 1.0)], -1)
     windows = series.unfold(0, 48 + 32, 5).permute(0, 2, 1)  # [B, 80, 2]
-    net = ChimeraForecaster(48, 8, 2, backbone=SMALL, patch_len=4, decoder="closed_loop")
+    net = ChimeraForecaster(48, 8, 2, backbone=SMALL, patch_len=4, decoder="closed_loop",
+                            teacher_forcing=teacher_forcing)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     for _ in range(60):
-        loss = torch.nn.functional.mse_loss(net(windows[:, :48]), windows[:, 48:56])
+        loss = net.training_loss(windows[:, :48], windows[:, 48:56])
         opt.zero_grad()
         loss.backward()
         opt.step()
