@@ -1,0 +1,45 @@
+"""The offline LMs for AutoTimes: a GPT-2 pretrained here on the English text that ships with
+Python and its packages learns (held-out loss falls), writes an ordinary transformers folder that
+AutoTimes loads, and refuses bad settings in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqapps.errors import InputError
+from seqapps.tasks.forecasting.autotimes import build_lm
+from seqapps.tasks.forecasting.text_lm import local_text_corpus, main, pretrain_text_lm
+
+
+def test_the_local_corpus_is_english_text():
+    docs = local_text_corpus()
+    assert len(docs) > 50 and sum(map(len, docs)) > 500_000
+    assert all(len(d) >= 200 for d in docs)
+    assert sum(" the " in d for d in docs) > 0.9 * len(docs)
+
+
+def test_pretraining_lowers_held_out_loss_and_autotimes_loads_the_folder(tmp_path):
+    torch.manual_seed(0)
+    corpus = local_text_corpus()[:60]
+    report = pretrain_text_lm(tmp_path / "lm", steps=40, n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                              vocab_size=512, block=32, batch=8, lr=3e-3, corpus=corpus,
+                              extra_texts=["This is Time Series from 2020-01-01 00:00 to 2020-01-04 23:00"])
+    assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.5
+    assert json.loads((tmp_path / "lm" / "pretraining.json").read_text())["steps"] == 40
+    lm = build_lm({"kind": "hf", "path": str(tmp_path / "lm")})
+    hidden = lm(torch.randn(2, 3, 32))[0]
+    assert hidden.shape == (2, 3, 32) and torch.isfinite(hidden).all()
+    assert lm.embed_texts(["This is Time Series from 2020-01-01 00:00 to 2020-01-04 23:00"]).shape == (1, 32)
+
+
+def test_bad_settings_one_line(tmp_path):
+    with pytest.raises(InputError, match="steps=0"):
+        pretrain_text_lm(tmp_path / "a", steps=0)
+    with pytest.raises(InputError, match="at least two documents"):
+        pretrain_text_lm(tmp_path / "b", steps=1, corpus=["only one document " * 20])
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit, match="exists"):
+        main(["--out", str(tmp_path / "taken")])
