@@ -43,3 +43,13 @@ def test_bad_settings_one_line(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(SystemExit, match="exists"):
         main(["--out", str(tmp_path / "taken")])
+
+
+def test_the_text_lm_recipes_differ_only_in_the_lm():
+    from seqapps.config import compose
+
+    with_lm = compose("train", ["experiment=weather_autotimes_textlm"])
+    without = compose("train", ["experiment=weather_autotimes_textlm_nollm"])
+    assert with_lm.module.net.lm.kind == "hf" and with_lm.module.net.lm.path == "lms/text_gpt2"
+    assert without.module.net.lm.kind == "identity" and without.module.net.lm.width == 64  # the LM's width
+    assert with_lm.data.timestamps.lm.path == without.data.timestamps.lm.path == "lms/text_gpt2"
