@@ -12,13 +12,12 @@ LLM: a test of the mechanism (does a frozen LM's text knowledge transfer?), not 
 scale. The folder it writes is an ordinary ``transformers`` folder
 (``module.net.lm.path=<folder>``).
 
-``python -m seqapps.tasks.forecasting.text_lm --out <folder> [--steps N]`` pretrains one and
+``python -m seqapps.text_lm --out <folder> [--steps N]`` (the shell's command) pretrains one and
 prints its held-out loss before and after.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import math
@@ -78,9 +77,10 @@ def gpt2(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: int, se
         return GPT2LMHeadModel(config)
 
 
-def save_lm_folder(model, tokenizer, folder: str | Path, readme: str) -> Path:
-    """Write ``model`` and ``tokenizer`` (and a README) to ``folder`` under a temporary name and
-    rename it into place; a folder another process wrote first is kept."""
+def save_lm_folder(model, tokenizer, folder: str | Path, files: dict[str, str]) -> bool:
+    """Write ``model``, ``tokenizer`` and ``files`` (name -> text, e.g. a README) to ``folder``
+    under a temporary name and rename it into place. Returns whether it did: a folder that is
+    there already (another process wrote it first) is kept, and this one dropped."""
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
@@ -91,33 +91,36 @@ def save_lm_folder(model, tokenizer, folder: str | Path, readme: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)
-        (tmp / "README.md").write_text(readme)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         try:
             tmp.rename(folder)
-        except OSError:  # another process wrote it first
+            return True
+        except OSError:  # there already
             shutil.rmtree(tmp, ignore_errors=True)
+            return False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
 
 
 def _blocks(ids: torch.Tensor, block: int) -> torch.Tensor:
-    """A 1-D token stream -> ``[N, block + 1]`` non-overlapping training blocks (input and shifted target)."""
-    n = (len(ids) - 1) // block
-    return ids[:n * block + 1].unfold(0, block + 1, block)
+    """A 1-D token stream -> ``[N, block]`` non-overlapping training blocks (the model shifts the
+    labels itself: each block's tokens predict their successors within it)."""
+    n = len(ids) // block
+    return ids[:n * block].view(n, block)
 
 
 @torch.no_grad()
 def _mean_loss(model, blocks: torch.Tensor, batch: int) -> float:
     model.eval()
-    losses = [model(input_ids=blocks[i:i + batch, :-1], labels=blocks[i:i + batch, :-1]).loss.item()
+    losses = [model(input_ids=blocks[i:i + batch], labels=blocks[i:i + batch]).loss.item()
               for i in range(0, len(blocks), batch)]
     model.train()
     return float(sum(losses) / len(losses))
 
 
-def pretrain_text_lm(folder: str | Path, steps: int = 3000, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
+def pretrain_text_lm(folder: str | Path, steps: int = 2000, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
                      n_positions: int = 256, vocab_size: int = 4096, block: int = 128, batch: int = 16,
                      lr: float = 2e-3, seed: int = 0, corpus: Sequence[str] | None = None,
                      extra_texts: Sequence[str] = ()) -> dict:
@@ -126,9 +129,11 @@ def pretrain_text_lm(folder: str | Path, steps: int = 3000, n_layer: int = 2, n_
     and write it with its tokenizer to ``folder``. ``extra_texts`` (e.g. timestamp sentences) join
     the tokenizer's training text only. 5 % of the documents are held out; returns the report
     (held-out loss before and after, tokens seen, seconds), also written to ``pretraining.json``."""
-    if steps < 1 or block < 8 or block >= n_positions:
+    if steps < 1 or block < 8 or block > n_positions:
         raise InputError(f"pretrain_text_lm: steps={steps}, block={block}, n_positions={n_positions}; need steps >= 1 "
-                         "and 8 <= block < n_positions")
+                         "and 8 <= block <= n_positions")
+    if Path(folder).exists():
+        raise InputError(f"pretrain_text_lm: '{folder}' exists; give a new folder (nothing was written)")
     docs = list(corpus if corpus is not None else local_text_corpus())
     if len(docs) < 2:
         raise InputError("pretrain_text_lm: the corpus needs at least two documents (one is held out)")
@@ -150,12 +155,12 @@ def pretrain_text_lm(folder: str | Path, steps: int = 3000, n_layer: int = 2, n_
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup))))))
+        1 + math.cos(math.pi * min(1.0, max(0.0, s - warmup) / max(1, steps - warmup))))))
     start = time.perf_counter()
     model.train()
     for _ in range(steps):
         pick = torch.randint(len(train_blocks), (batch,), generator=generator)
-        loss = model(input_ids=train_blocks[pick, :-1], labels=train_blocks[pick, :-1]).loss
+        loss = model(input_ids=train_blocks[pick], labels=train_blocks[pick]).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,33 +170,11 @@ def pretrain_text_lm(folder: str | Path, steps: int = 3000, n_layer: int = 2, n_
               "steps": steps, "tokens_seen": steps * batch * block, "train_tokens": int(train_blocks.numel()),
               "documents": len(docs), "seconds": round(time.perf_counter() - start, 1),
               "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "vocab_size": len(tokenizer), "seed": seed}
-    folder = save_lm_folder(model.eval(), tokenizer, folder, (
-        "A GPT-2 pretrained by seqapps (seqapps.tasks.forecasting.text_lm) as a causal LM on English text shipped "
-        "with Python and its installed packages, for AutoTimes' frozen-LM experiments.\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in report.items())))
-    (folder / "pretraining.json").write_text(json.dumps(report, indent=2))
+    readme = ("A GPT-2 pretrained by seqapps (seqapps.tasks.forecasting.text_lm) as a causal LM on English text "
+              "shipped with Python and its installed packages, for AutoTimes' frozen-LM experiments.\n\n"
+              + "".join(f"- {k}: {v}\n" for k, v in report.items()))
+    if not save_lm_folder(model.eval(), tokenizer, folder,
+                          {"README.md": readme, "pretraining.json": json.dumps(report, indent=2)}):
+        raise InputError(f"pretrain_text_lm: '{folder}' appeared while training (another run?); this model was "
+                         "not written")
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the folder to write (a transformers causal-LM folder)")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--n-layer", type=int, default=2)
-    parser.add_argument("--n-embd", type=int, default=64)
-    parser.add_argument("--n-head", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if Path(args.out).exists():
-        raise SystemExit(f"text_lm: --out {args.out} exists; give a new folder (nothing was written)")
-    from seqapps.tasks.forecasting.autotimes_data import timestamp_texts
-    import pandas as pd
-
-    stamps = timestamp_texts(pd.Series(pd.date_range("2000-01-01", periods=24 * 400, freq="37min")), 96)[::7]
-    report = pretrain_text_lm(args.out, steps=args.steps, n_layer=args.n_layer, n_embd=args.n_embd,
-                              n_head=args.n_head, seed=args.seed, extra_texts=stamps)
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

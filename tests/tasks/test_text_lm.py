@@ -11,7 +11,8 @@ import torch
 
 from seqapps.errors import InputError
 from seqapps.tasks.forecasting.autotimes import build_lm
-from seqapps.tasks.forecasting.text_lm import local_text_corpus, main, pretrain_text_lm
+from seqapps.tasks.forecasting.text_lm import local_text_corpus, pretrain_text_lm
+from seqapps.text_lm import main
 
 
 def test_the_local_corpus_is_english_text():
@@ -35,14 +36,21 @@ def test_pretraining_lowers_held_out_loss_and_autotimes_loads_the_folder(tmp_pat
     assert lm.embed_texts(["This is Time Series from 2020-01-01 00:00 to 2020-01-04 23:00"]).shape == (1, 32)
 
 
-def test_bad_settings_one_line(tmp_path):
+def test_bad_settings_one_line_and_an_existing_folder_is_left_alone(tmp_path, capsys):
     with pytest.raises(InputError, match="steps=0"):
         pretrain_text_lm(tmp_path / "a", steps=0)
     with pytest.raises(InputError, match="at least two documents"):
         pretrain_text_lm(tmp_path / "b", steps=1, corpus=["only one document " * 20])
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(SystemExit, match="exists"):
-        main(["--out", str(tmp_path / "taken")])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "pretraining.json").write_text("{}")
+    with pytest.raises(InputError, match="exists"):
+        pretrain_text_lm(taken, steps=1, corpus=local_text_corpus()[:4])
+    assert main(["--out", str(taken)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("seqapps.text_lm: error:") and "exists" in error and error.count("\n") == 1
+    assert (taken / "pretraining.json").read_text() == "{}" and sorted(p.name for p in taken.iterdir()) == [
+        "pretraining.json"]
 
 
 def test_the_text_lm_recipes_differ_only_in_the_lm():
