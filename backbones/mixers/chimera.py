@@ -134,7 +134,8 @@ class Chimera(Mixer):
             a coupling of about 0.05..0.5 and a memory of a few rows.
         heads: ``{name: (dt_min, dt_max)}``, one 2-D SSM head per entry with its own initial range
             of steps along time (e.g. ``{"trend": (1e-3, 1e-2), "seasonal": (0.1, 1.0)}``, the
-            paper's two heads); ``None`` (default) is one head with ``(dt_min, dt_max)``.
+            paper's two heads); ``None`` (default) is one head with ``(dt_min, dt_max)``, which
+            are not used when ``heads`` is given.
         bidirectional: run the 2-D SSM down and up the variates and sum (default, as the paper).
         cross_variate: let states cross between variates; ``False`` makes the variates independent.
         tied_coupling: one coupling for both directions between the two states (default; see
@@ -284,9 +285,12 @@ def _time_step_ranges(heads: Mapping[str, Sequence[float]] | None,
                          "e.g. {trend: [0.001, 0.01], seasonal: [0.1, 1.0]}")
     ranges = {}
     for name, dt_range in heads.items():
-        if (isinstance(dt_range, (str, bytes)) or not isinstance(dt_range, Sequence) or len(dt_range) != 2
-                or not 0 < float(dt_range[0]) <= float(dt_range[1])):
+        try:
+            low, high = (float(step) for step in dt_range)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        if isinstance(dt_range, (str, bytes)) or not 0 < low <= high:
             raise InputError(f"Chimera: head '{name}' has steps {dt_range!r}; expected (dt_min, dt_max) with "
                              "0 < dt_min <= dt_max")
-        ranges[str(name)] = (float(dt_range[0]), float(dt_range[1]))
+        ranges[str(name)] = (low, high)
     return ranges

@@ -24,7 +24,7 @@ The paper's two 2-D SSM heads (long-term progression and seasonal patterns, with
 discretisations along time) are the mixer's ``heads`` option; its closed-loop decoder for long
 horizons is ``ChimeraForecaster(decoder="closed_loop")``. Left out: an explicit trend/seasonal
 decomposition of the input ahead of the two heads (the paper's method section was not available
-to us; each head reads the same input, and the gate mixes them).
+to us; each head reads the same input, and their sum passes one shared gate).
 """
 
 from __future__ import annotations
@@ -128,11 +128,17 @@ class SeriesEncoder(nn.Module):
         """The stack over ``tokens`` from ``state`` (``None``: the start) -> ``(tokens, state after
         them)``: tokens given piece by piece along time, each from the state the last one left,
         give what the whole gives (every stack is causal in time)."""
+        run = self.backbone if state is None else lambda t: self.backbone(t, state)  # any stack takes no state
         if self.layout == "channels" or getattr(self.backbone, "grid_native", False):
-            return self.backbone(tokens, state)
+            return run(tokens)
         b, v, p, d = tokens.shape  # a 1-D stack: each variate its own sequence
-        out, state = self.backbone(tokens.reshape(b * v, p, d), state)
+        out, state = run(tokens.reshape(b * v, p, d))
         return out.view(b, v, p, d), state
+
+    def carries_state(self) -> bool:
+        """Whether the stack hands on a state along time (what feeding tokens back needs)."""
+        init_state = getattr(self.backbone, "init_state", None)
+        return init_state is not None and len(init_state(1, device="meta")) > 0
 
 
 class ChimeraForecaster(nn.Module):
@@ -160,7 +166,8 @@ class ChimeraForecaster(nn.Module):
         revin: normalise each window by its own statistics and undo it on the forecast.
         layout, dropout: as :class:`SeriesEncoder`.
         decoder: ``linear`` or ``closed_loop`` (above).
-        teacher_forcing: how the closed loop trains (above); ignored by the linear decoder.
+        teacher_forcing: how the closed loop trains (above); ignored by the linear decoder. It
+            needs every variate's future (features S or M): with MS, set it to false.
     """
 
     def __init__(self, seq_len: int, pred_len: int, n_in: int, n_out: int | None = None,
@@ -172,9 +179,18 @@ class ChimeraForecaster(nn.Module):
             raise InputError(f"ChimeraForecaster: n_out={n_out} with n_in={n_in}; n_out must be 1 (MS) or n_in (S, M)")
         if decoder not in DECODERS:
             raise InputError(f"ChimeraForecaster: decoder='{decoder}' is not one of {', '.join(DECODERS)}")
+        if seq_len < 1 or pred_len < 1:
+            raise InputError(f"ChimeraForecaster: seq_len={seq_len}, pred_len={pred_len}; both must be >= 1")
+        if decoder == "closed_loop" and teacher_forcing and n_out != n_in:
+            raise InputError("ChimeraForecaster: teacher forcing feeds every variate's true future, but features MS "
+                             "gives only the target's; set teacher_forcing=false (train through the rollout)")
         self.seq_len, self.pred_len, self.n_in, self.n_out, self.decoder = seq_len, pred_len, n_in, n_out, decoder
         self.teacher_forcing = teacher_forcing
         self.encoder = SeriesEncoder(n_in, backbone, patch_len, layout, dropout)
+        if decoder == "closed_loop" and not self.encoder.carries_state():
+            raise InputError(f"ChimeraForecaster: decoder='closed_loop' feeds each forecast back from the state the "
+                             f"lookback left, and this backbone ({type(self.encoder.backbone).__name__}) carries "
+                             "none along time; use a SequenceStack of causal mixers or decoder='linear'")
         self.revin = RevIN() if revin else None
         per_token = self.encoder.layout == "grid"
         if decoder == "closed_loop":  # a token -> the next patch: of its variate (grid) or of all (channels)
@@ -193,6 +209,8 @@ class ChimeraForecaster(nn.Module):
         if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.n_in:
             raise InputError(f"ChimeraForecaster expects x of shape [batch, {self.seq_len}, {self.n_in}], "
                              f"got {list(x.shape)}")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise InputError(f"ChimeraForecaster: horizon={horizon!r}; give a whole number of steps >= 1")
         if horizon != self.pred_len and self.decoder != "closed_loop":
             raise InputError(f"ChimeraForecaster: a horizon of {horizon} steps from a model trained for "
                              f"{self.pred_len} needs decoder='closed_loop'")
@@ -209,8 +227,8 @@ class ChimeraForecaster(nn.Module):
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The MSE of the forecast of ``x [B, seq_len, n_in]`` against ``y [B, pred_len, n_out]``;
-        the closed loop with teacher forcing feeds ``y``'s own patches (``n_out == n_in``)."""
-        if self.decoder != "closed_loop" or not self.teacher_forcing or self.n_out != self.n_in:
+        the closed loop with teacher forcing feeds ``y``'s own patches."""
+        if self.decoder != "closed_loop" or not self.teacher_forcing:
             return F.mse_loss(self(x), y)
         p, v = self.encoder.patch_len, self.n_in
         steps = math.ceil(self.pred_len / p)

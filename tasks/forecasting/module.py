@@ -57,7 +57,8 @@ class ForecastModule(StandardisedExport, SeqappsModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        # a net may train otherwise than it forecasts (Chimera's closed loop: teacher forcing)
+        # a net may train otherwise than it forecasts (Chimera's closed loop: teacher forcing, whose
+        # train/mse, like AutoTimes', is of forecasts made from the true past segments)
         loss = self.net.training_loss(x, y) if hasattr(self.net, "training_loss") else F.mse_loss(self.net(x), y)
         self._log_epoch("train/mse", loss, len(x), prog_bar=True)
         weight = self.regularizer_weight()

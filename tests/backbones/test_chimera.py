@@ -173,7 +173,8 @@ def test_trend_and_seasonal_heads_have_their_own_steps_along_time_and_all_train(
     y.pow(2).mean().backward()
     missing = [n for n, p in mixer.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reached {missing}"
-    for bad in ({}, {"trend": (0.1,)}, {"trend": (0.1, 0.01)}, ["trend"]):
+    for bad in ({}, {"trend": (0.1,)}, {"trend": (0.1, 0.01)}, ["trend"], {"trend": ("a", 1)}, {"trend": [[1], 2]},
+                {"trend": "ab"}):
         with pytest.raises(InputError, match="heads=|head 'trend'"):
             make(heads=bad)
 

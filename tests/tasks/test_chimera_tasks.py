@@ -98,8 +98,9 @@ def test_a_few_steps_lower_the_loss():
                                              (SequenceStack(16, 1, mixer="gla"), "grid")])
 def test_closed_loop_rolls_out_any_horizon_by_feeding_its_forecast_back(backbone, layout):
     torch.manual_seed(0)
-    net = ChimeraForecaster(12, 6, 3, backbone=backbone, patch_len=4, layout=layout, decoder="closed_loop").eval()
-    x = torch.randn(2, 12, 3)
+    # a lookback of 10 steps in patches of 4: left-padded to 12, so the fed patches must stay aligned
+    net = ChimeraForecaster(10, 6, 3, backbone=backbone, patch_len=4, layout=layout, decoder="closed_loop").eval()
+    x = torch.randn(2, 10, 3)
     with torch.no_grad():
         short, long = net(x), net.forecast(x, 20)
         # the rollout by hand: the lookback, then each forecast patch appended as if observed
@@ -109,7 +110,7 @@ def test_closed_loop_rolls_out_any_horizon_by_feeding_its_forecast_back(backbone
             hidden = net.encoder(grown)
             patch = net.head(hidden[..., -1, :]).view(2, 3, 4).transpose(1, 2)  # [B, 4, V]
             grown = torch.cat([grown, patch], 1)
-        by_hand = net.revin.denormalize(grown[:, 12:], stats)
+        by_hand = net.revin.denormalize(grown[:, 10:], stats)
     assert short.shape == (2, 6, 3) and long.shape == (2, 20, 3)
     torch.testing.assert_close(long[:, :6], short)  # one model, any horizon: the first steps agree
     torch.testing.assert_close(long, by_hand, rtol=1e-4, atol=1e-5)
@@ -117,10 +118,35 @@ def test_closed_loop_rolls_out_any_horizon_by_feeding_its_forecast_back(backbone
     # parallel teacher-forced pass predicts exactly the rollout (loss 0), and any other future not
     assert net.training_loss(x, short).item() < 1e-10
     assert net.training_loss(x, short + 0.1).item() > 1e-3
+    for horizon in (0, -3, 2.5):
+        with pytest.raises(InputError, match="horizon="):
+            net.forecast(x, horizon)
+
+
+def test_closed_loop_refusals_and_features_ms():
+    x = torch.randn(2, 12, 3)
     with pytest.raises(InputError, match="closed_loop"):
-        _forecaster().forecast(x, 8)
+        _forecaster().forecast(x, 8)  # the linear head knows one horizon
     with pytest.raises(InputError, match="decoder='attention'"):
         _forecaster(decoder="attention")
+    with pytest.raises(InputError, match="teacher_forcing=false"):
+        _forecaster(n_out=1, decoder="closed_loop")  # MS: only the target's future is given
+    ms = _forecaster(n_out=1, decoder="closed_loop", teacher_forcing=False)
+    assert ms(x).shape == (2, 4, 1) and ms.forecast(x, 9).shape == (2, 9, 1)
+    assert torch.isfinite(ms.training_loss(x, torch.randn(2, 4, 1)))
+
+    class Stateless(torch.nn.Module):  # a stack that hands on no state along time
+        dim = 16
+
+        def forward(self, tokens, state=None):
+            return tokens, ()
+
+        def init_state(self, batch_size, device=None, dtype=None):
+            return ()
+
+    with pytest.raises(InputError, match="carries none along time"):
+        ChimeraForecaster(12, 4, 3, backbone=Stateless(), layout="channels", decoder="closed_loop")
+    assert ChimeraForecaster(12, 4, 3, backbone=Stateless(), layout="channels")(x).shape == (2, 4, 3)
 
 
 @pytest.mark.parametrize("teacher_forcing", [True, False])
@@ -200,9 +226,10 @@ def test_train_forecast_chimera_on_a_users_csv(tmp_path, paper):
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["test/model/mse"] > 0 and "test/seasonal_naive/mse" in metrics
     if paper:
-        layer = next(m for m in torch.load(next(run_dir.glob("checkpoints/*.ckpt")), weights_only=False)
-                     ["state_dict"] if "directions.3." in m)  # 2 heads x 2 directions
-        assert layer and any((run_dir / "export").glob("*.onnx"))
+        state = torch.load(next(run_dir.glob("checkpoints/*.ckpt")), weights_only=False)["state_dict"]
+        assert any("directions.3." in name for name in state)  # 2 heads x 2 directions
+        assert state["net.head.weight"].shape == (4, 8)  # the closed loop's head: a token -> the next patch
+        assert any((run_dir / "export").glob("*.onnx"))
 
 
 def test_default_backbone_is_two_chimera_blocks():
