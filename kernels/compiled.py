@@ -3,7 +3,7 @@
 A kernel is one C file with no dependency beyond libc and pthreads. It is compiled once per
 machine with the system's C compiler (``$CC``, else ``cc``) for the processor at hand
 (``-O3 -march=native``, plus ``$SEQAPPS_CFLAGS``), into ``kernels/`` of :func:`cache_root`
-(``$SEQAPPS_CACHE``, default ``~/.cache/seqapps``) under a name that hashes the source, the flags
+(``$SEQAPPS_CACHE``, else ``$XDG_CACHE_HOME/seqapps``, else ``~/.cache/seqapps``) under a name that hashes the source, the flags
 and the processor, so an edit or another machine builds afresh. The library is written to a
 temporary name and renamed into place: a build that fails or is interrupted leaves nothing
 half-written. Without a compiler (or with ``SEQAPPS_CPU_KERNELS=0``)

@@ -306,7 +306,11 @@ def read_anomaly_folder(folder: str | os.PathLike) -> dict:
     labels = labels.astype(np.int64)
     kinds_path = folder / "anomaly_kinds.csv"
     if kinds_path.is_file():
-        segments = pd.read_csv(kinds_path)[["start", "end", "kind"]].to_dict("records")
+        kinds = read_csv_checked(kinds_path, "data.path", "give anomaly_kinds.csv with columns start, end, kind")
+        if not {"start", "end", "kind"} <= set(kinds.columns):
+            raise InputError(f"data.path: '{kinds_path}' has columns {', '.join(map(str, kinds.columns))}; "
+                             "anomaly_kinds.csv needs start, end, kind (or leave it out)")
+        segments = kinds[["start", "end", "kind"]].to_dict("records")
     else:
         segments = [{"start": s, "end": e, "kind": "anomaly"} for s, e in label_segments(labels)]
     return {"train": train.iloc[:, 1:].to_numpy(np.float64), "test": test.iloc[:, 1:].to_numpy(np.float64),

@@ -218,11 +218,13 @@ class AutoTimesDataModule(ForecastDataModule):
         table = self._table(dates, extra)
         return {n: table[s:e + extra] for n, (s, e) in rows.items()}
 
-    def _held_out(self, spec: Mapping, seq_len: int, before: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _held_out(self, spec: Mapping, seq_len: int, before: int,
+                  key: str = "data.transfer.path") -> tuple[torch.Tensor, torch.Tensor, str]:
         """A held-out source's test split (and the ``before`` rows ahead of it), scaled by its
-        own training rows: ``(data [T, C], table [T + extra, D], source)``."""
+        own training rows: ``(data [T, C], table [T + extra, D], source)``; ``key`` names the
+        option of ``spec['path']`` in errors."""
         if spec.get("path"):
-            frame, source = read_tslib_csv(spec["path"]), str(spec["path"])
+            frame, source = read_tslib_csv(spec["path"], key), str(spec["path"])
         else:
             frame, _ = builtin_frame(spec.get("dataset", "weather_ak"), self.ar)
             source = f"dataset '{spec.get('dataset', 'weather_ak')}'"
@@ -268,7 +270,7 @@ class AutoTimesDataModule(ForecastDataModule):
                "prompt_gap": gap, "seq_len": seq_len, "control": None}
         control = spec.get("control") or {}
         if control.get("path") or control.get("dataset"):
-            c_data, c_table, c_source = self._held_out(control, seq_len, 0)
+            c_data, c_table, c_source = self._held_out(control, seq_len, 0, "data.transfer.control.path")
             if len(c_data) < prompt_segments * self.token_len:
                 raise InputError(f"transfer.control: the test split of {c_source} ({len(c_data)} rows) is "
                                  f"shorter than the prompt ({prompt_segments * self.token_len} rows)")

@@ -92,6 +92,8 @@ def test_loader_reads_the_layout_and_scales_with_train_only(tmp_path):
      "test.csv's channels (a, b, z) differ"),
     (lambda f: pd.read_csv(f / "test_label.csv").assign(label=2).to_csv(f / "test_label.csv", index=False),
      "labels are 0 (normal) or 1"),
+    (lambda f: pd.DataFrame({"begin": [3], "end": [9]}).to_csv(f / "anomaly_kinds.csv", index=False),
+     "anomaly_kinds.csv needs start, end, kind"),
 ])
 def test_bad_folders_are_refused_with_one_line(tmp_path, spoil, message):
     folder = write_folder(tmp_path / "set")

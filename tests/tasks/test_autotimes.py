@@ -220,3 +220,14 @@ def test_generated_lms_share_the_compiled_kernels_cache_root(monkeypatch, tmp_pa
     monkeypatch.setenv("SEQAPPS_CACHE", str(tmp_path / "mine"))
     assert cache_root() == tmp_path / "mine" and cache_dir() == tmp_path / "mine" / "kernels"
     assert cache_root(tmp_path / "given") == tmp_path / "given"
+
+
+@pytest.mark.parametrize("key", ["data.transfer.path", "data.transfer.control.path"])
+def test_a_missing_transfer_file_names_its_option(tmp_path, key):
+    missing = str(tmp_path / "missing.csv")
+    transfer = ({"path": missing, "prompt_segments": 1} if key == "data.transfer.path"
+                else {"dataset": "weather_ak", "prompt_segments": 1, "control": {"path": missing}})
+    dm = AutoTimesDataModule(dataset="weather", seq_len=3 * S, pred_len=S, token_len=S, features="S",
+                             horizons=[S], timestamps={"lm": None}, cache_dir=str(tmp_path), transfer=transfer)
+    with pytest.raises(InputError, match=f"^{key}: no file at"):
+        dm.load()
