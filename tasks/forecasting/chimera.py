@@ -230,7 +230,7 @@ class ChimeraForecaster(nn.Module):
         the closed loop with teacher forcing feeds ``y``'s own patches."""
         if self.decoder != "closed_loop" or not self.teacher_forcing:
             return F.mse_loss(self(x), y)
-        p, v = self.encoder.patch_len, self.n_in
+        p = self.encoder.patch_len
         steps = math.ceil(self.pred_len / p)
         stats = None
         future = y
@@ -239,27 +239,35 @@ class ChimeraForecaster(nn.Module):
             future = self.revin.apply_stats(y, stats)
         fed = future[:, :(steps - 1) * p]  # every future patch but the last is an input
         hidden = self.encoder(torch.cat([x, fed], 1))  # the lookback's patches as in forecast(), then the fed ones
-        # the last `steps` time tokens each give the next patch: [B, V, steps, p] (grid) or [B, steps, V, p]
-        patches = self.head(hidden[..., -steps:, :])
-        patches = patches.view(-1, v, steps, p) if self.encoder.layout == "grid" else \
-            patches.view(-1, steps, v, p).transpose(1, 2)
-        forecast = patches.flatten(2)[..., :self.pred_len].transpose(1, 2)  # [B, pred_len, V]
+        forecast = self._as_steps(self._next_patches(hidden[..., -steps:, :]), self.pred_len)  # [B, pred_len, V]
         if stats is not None:
             forecast = self.revin.denormalize(forecast, stats)
         return F.mse_loss(forecast, y)
 
     def _roll_out(self, x: torch.Tensor, horizon: int) -> torch.Tensor:
         """The closed loop: ``x [B, seq_len, V]`` (normalised) -> ``[B, horizon, V]``."""
-        p, v = self.encoder.patch_len, self.n_in
+        p = self.encoder.patch_len
         hidden, state = self.encoder.mix_on(self.encoder.embed(x))
         patches = []
         for step in range(math.ceil(horizon / p)):
-            last = hidden[..., -1, :]  # the last time token: [B, V, D] (grid) or [B, D] (channels)
-            patch = self.head(last).view(-1, v, p)  # [B, V, p]: the next patch of every variate
+            patch = self._next_patches(hidden[..., -1:, :])  # from the last time token: [B, V, 1, p]
             patches.append(patch)
             if (step + 1) * p < horizon:  # feed it back, one time column of tokens
-                hidden, state = self.encoder.mix_on(self.encoder.embed_patches(patch[:, :, None]), state)
-        return torch.cat(patches, -1)[..., :horizon].transpose(1, 2)  # [B, V, steps * p] -> [B, horizon, V]
+                hidden, state = self.encoder.mix_on(self.encoder.embed_patches(patch), state)
+        return self._as_steps(torch.cat(patches, 2), horizon)
+
+    def _next_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The closed loop's head: time tokens ``[B, V, S, D]`` (grid) or ``[B, S, D]`` (channels)
+        -> the patch after each, for every variate, ``[B, V, S, patch_len]``."""
+        patches = self.head(tokens)  # [B, V, S, p] (grid) or [B, S, V * p] (channels)
+        if self.encoder.layout == "grid":
+            return patches
+        return patches.unflatten(-1, (self.n_in, self.encoder.patch_len)).transpose(1, 2)
+
+    @staticmethod
+    def _as_steps(patches: torch.Tensor, horizon: int) -> torch.Tensor:
+        """``[B, V, S, p]`` consecutive patches -> the first ``horizon`` steps, ``[B, horizon, V]``."""
+        return patches.flatten(2)[..., :horizon].transpose(1, 2)
 
 
 class ChimeraReconstructor(nn.Module):
