@@ -10,10 +10,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-import pandas as pd
-
 from seqapps.errors import InputError
-from seqapps.tasks.forecasting.autotimes_data import timestamp_texts
+from seqapps.tasks.forecasting.autotimes_data import timestamp_corpus
 from seqapps.tasks.forecasting.text_lm import pretrain_text_lm
 
 
@@ -26,11 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-head", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # the timestamp sentences AutoTimes embeds join the tokenizer's text, so that they tokenize well
-    stamps = timestamp_texts(pd.Series(pd.date_range("2000-01-01", periods=24 * 400, freq="37min")), 96)[::7]
-    try:
+    try:  # the timestamp sentences AutoTimes embeds join the tokenizer's text, so that they tokenize well
         report = pretrain_text_lm(args.out, steps=args.steps, n_layer=args.n_layer, n_embd=args.n_embd,
-                                  n_head=args.n_head, seed=args.seed, extra_texts=stamps)
+                                  n_head=args.n_head, seed=args.seed, extra_texts=timestamp_corpus())
     except InputError as err:
         print(f"seqapps.text_lm: error: {err}", file=sys.stderr)
         return 2

@@ -249,15 +249,12 @@ def make_tiny_lm(folder: str | os.PathLike, n_layer: int = 2, n_embd: int = 64, 
     texts) to ``folder``, offline; written under a temporary name and renamed into place.
     It is a stand-in LM for running the task anywhere, not a pretrained language model
     (``text_lm.pretrain_text_lm`` makes one pretrained on local text)."""
-    import pandas as pd
-
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
-    from seqapps.tasks.forecasting.autotimes_data import timestamp_texts
+    from seqapps.tasks.forecasting.autotimes_data import timestamp_corpus
 
-    dates = pd.Series(pd.date_range("2000-01-01", periods=24 * 400, freq="37min"))
-    corpus = timestamp_texts(dates, 96)[::7] + ["time series forecast", "0123456789 -:"]
+    corpus = timestamp_corpus() + ["time series forecast", "0123456789 -:"]
     tokenizer = byte_bpe_tokenizer(corpus, vocab_size=512)
     model = gpt2(tokenizer, n_layer, n_embd, n_head, n_positions, seed)
     save_lm_folder(model, tokenizer, folder, {"README.md": (

@@ -64,6 +64,13 @@ def timestamp_texts(dates: pd.Series, token_len: int, extra: int = 0, template: 
     return [template.format(start=s.strftime(fmt), end=e.strftime(fmt)) for s, e in zip(starts, ends)]
 
 
+def timestamp_corpus() -> list[str]:
+    """Timestamp sentences of every hour and minute pattern (a 37-minute step over 400 days, every
+    7th kept), for training the tokenizers of the generated LMs: AutoTimes embeds such sentences."""
+    dates = pd.Series(pd.date_range("2000-01-01", periods=24 * 400, freq="37min"))
+    return timestamp_texts(dates, 96)[::7]
+
+
 def embed_timestamps(lm_spec: Mapping, texts: Sequence[str], pool: str = "last",
                      cache_dir: str | os.PathLike | None = None, batch_size: int = 256) -> torch.Tensor:
     """``[len(texts), D]`` embeddings of ``texts`` by the LM of ``lm_spec`` (see
