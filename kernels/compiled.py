@@ -1,10 +1,12 @@
 """Building the C kernels in ``kernels/cpu/`` at first use, and loading them with ``ctypes``.
 
-A kernel is one C file with no dependency beyond libc and pthreads. It is compiled once per
+A kernel is one C file with no dependency beyond libc, pthreads and, where the compiler has it,
+OpenMP (whose ``libgomp.so.1`` is then the one PyTorch has loaded). It is compiled once per
 machine with the system's C compiler (``$CC``, else ``cc``) for the processor at hand
-(``-O3 -march=native``, plus ``$SEQAPPS_CFLAGS``), into ``kernels/`` of :func:`cache_root`
-(``$SEQAPPS_CACHE``, else ``$XDG_CACHE_HOME/seqapps``, else ``~/.cache/seqapps``) under a name that hashes the source, the flags
-and the processor, so an edit or another machine builds afresh. The library is written to a
+(``-O3 -march=native -fopenmp``, each of the last two dropped where the compiler refuses it, plus
+``$SEQAPPS_CFLAGS``), into ``kernels/`` of :func:`cache_root` (``$SEQAPPS_CACHE``, else
+``$XDG_CACHE_HOME/seqapps``, else ``~/.cache/seqapps``) under a name that hashes the source, the
+flags and the processor, so an edit or another machine builds afresh. The library is written to a
 temporary name and renamed into place: a build that fails or is interrupted leaves nothing
 half-written. Without a compiler (or with ``SEQAPPS_CPU_KERNELS=0``)
 ``library()`` returns ``None`` and the callers use the PyTorch implementations; the reason is
@@ -26,7 +28,9 @@ from pathlib import Path
 SOURCES = Path(__file__).parent / "cpu"
 # No flag that reassociates arithmetic (exp's rounding step depends on its order) or assumes finite values.
 _OPTIMISE = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
-_FLAG_SETS = (_OPTIMISE + ["-march=native"], _OPTIMISE)  # the second for compilers without -march=native
+# OpenMP first (a kernel then runs on the threads of PyTorch's own OpenMP runtime), then without it
+# (pthreads); each with -march=native, then without it for compilers that lack it.
+_FLAG_SETS = tuple(_OPTIMISE + arch + openmp for openmp in (["-fopenmp"], []) for arch in (["-march=native"], []))
 
 
 def cache_root() -> Path:

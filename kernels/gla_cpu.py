@@ -1,8 +1,10 @@
 """Gated linear attention on the CPU through the fused C kernel ``kernels/cpu/gla.c``.
 
 The chunked form of ``gla_chunk`` (same maths, same numerical safety; its docstring explains
-both), computed one sequence (batch × head) per thread with a chunk's temporaries in cache and
-its matmuls in a register-blocked loop that the compiler vectorises for the machine. Forward and
+both), computed one batch entry's heads (or a group of them) per thread, chunk by chunk, with a
+chunk's temporaries in cache and its matmuls in a register-blocked loop that the compiler
+vectorises for the machine; ``torch.get_num_threads()`` threads, PyTorch's own where the kernel
+was built with OpenMP. Forward and
 backward are one ``torch.autograd.Function``; the forward keeps the state entering each chunk
 (``[B, H, N, K, V]``, linear in ``T``) when a gradient will be asked for.
 

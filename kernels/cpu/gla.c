@@ -1,9 +1,9 @@
 /* Gated linear attention, chunked, forward and backward in one pass per sequence: the CPU kernel.
  *
  * The same chunked form as kernels/gla_chunk.py (read its docstring first), fused: one thread takes
- * one sequence (batch x head) at a time and walks over its chunks with every temporary of a chunk
- * in a few hundred KB of workspace, so nothing but the inputs, the outputs and the states entering
- * each chunk ever leaves the cache. Built at first use by kernels/compiled.py (cc -O3 -march=native)
+ * one batch entry's heads (or a group of them, run_unit) at a time and walks over their chunks with
+ * every temporary of a chunk in a few hundred KB of workspace, so nothing but the inputs, the
+ * outputs and the states entering each chunk ever leaves the cache. Built at first use by kernels/compiled.py (cc -O3 -march=native -fopenmp)
  * and called through ctypes; `gla_chunk` in plain PyTorch stays the reference and the fallback.
  *
  * Layout: q, k, g (per-key) [B, T, H, K]; v, o [B, T, H, V]; g (scalar) [B, T, H]; states
@@ -24,6 +24,9 @@
  * in the PyTorch path. */
 
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,6 +124,7 @@ static inline float exp_clamped(float x) {
 
 typedef struct {
   int batch, length, heads, key_dim, value_dim, per_key, chunk, kp, vp, n_chunks, threads;
+  int group; /* heads per unit of work (run_unit) */
   float scale;
   const float *q, *k, *v, *g, *initial;   /* inputs (initial may be NULL) */
   float *o, *states, *final;              /* forward outputs (states, final may be NULL) */
@@ -133,7 +137,8 @@ typedef struct {
   /* [C x Vp] */ float *v, *d_o, *d_v;
   /* [C x C]  */ float *attention, *d_attention, *transposed, *decay;
   /* [Kp x C] */ float *transposed_keys;
-  /* [Kp x Vp] */ float *state, *d_state, *state_t;
+  /* [Kp x Vp] */ float *state_t;
+  /* [group x Kp x Vp] */ float *state;
   /* [C] */ int *exact_diagonal;
   float *memory;
 } Workspace;
@@ -155,7 +160,7 @@ static int workspace_init(Workspace *w, const Problem *p) {
   float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_factor, &w->k_factor, &w->q_decay, &w->k_decay, &w->row_factor,
                        &w->rows, &w->col_factor, &w->cols, &w->d_q, &w->d_k, &w->d_qd, &w->d_kd};
   size_t n_per_key = sizeof per_key / sizeof *per_key;
-  size_t total = n_per_key * c * kp + 3 * c * vp + 4 * c * c + kv * c + 3 * kv * kv + (n_per_key + 11) * SKEW;
+  size_t total = n_per_key * c * kp + 3 * c * vp + 4 * c * c + kv * c + (1 + p->group) * kv * kv + (n_per_key + 11) * SKEW;
   w->memory = (float *)calloc(total, sizeof(float));
   w->exact_diagonal = (int *)calloc(c / BLOCK, sizeof(int));
   if (!w->memory || !w->exact_diagonal) return -1;
@@ -169,9 +174,8 @@ static int workspace_init(Workspace *w, const Problem *p) {
   w->transposed = take(&m, c * c);
   w->decay = take(&m, c * c);
   w->transposed_keys = take(&m, kv * c);
-  w->state = take(&m, kv * kv);
-  w->d_state = take(&m, kv * kv);
   w->state_t = take(&m, kv * kv);
+  w->state = take(&m, p->group * kv * kv);
   return 0;
 }
 
@@ -373,111 +377,133 @@ static void decay_state(const Problem *p, const float *last, float *state) {
   }
 }
 
-static void forward_sequence(const Problem *p, Workspace *w, int seq) {
-  int b = seq / p->heads, h = seq % p->heads, c = p->chunk, kp = p->kp, vp = p->vp;
-  size_t kv = (size_t)p->key_dim * p->value_dim;
-  copy_state(p, p->initial ? p->initial + seq * kv : NULL, w->state);
-  for (int n = 0; n < p->n_chunks; n++) {
-    int rows = load_chunk(p, w, b, h, n);
-    if (p->states) memcpy(p->states + ((size_t)seq * p->n_chunks + n) * kp * vp, w->state, sizeof(float) * kp * vp);
-    float *out = w->d_v; /* [C x Vp] scratch: o = q_decay . S + A . v */
-    matmul(c, vp, kp, w->q_decay, kp, w->state, vp, out, vp, 0);
-    if (!p->per_key) attention_scalar(p, w);
-    for (int a = 0; a < c / BLOCK; a++) {
-      if (p->per_key) attention_block(p, w, a);
-      matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, w->v, vp, out + a * BLOCK * vp, vp, 1);
-    }
-    for (int i = 0; i < rows * vp; i++) out[i] *= p->scale;
-    store_rows(p, p->o, p->value_dim, b, h, n * c, rows, out, vp);
-    /* S <- exp(G_last) S + k_decay^T . v */
-    decay_state(p, w->log_decay + (c - 1) * kp, w->state);
-    transpose(c, kp, w->k_decay, kp, w->transposed_keys, c);
-    matmul(kp, vp, c, w->transposed_keys, c, w->v, vp, w->state, vp, 1);
+/* Chunk n of sequence (b, h) forward, from the state entering it (`state`, [Kp x Vp]) to the one
+ * leaving it (in place). */
+static void forward_chunk(const Problem *p, Workspace *w, int b, int h, int n, float *state) {
+  int c = p->chunk, kp = p->kp, vp = p->vp;
+  int rows = load_chunk(p, w, b, h, n);
+  if (p->states) memcpy(p->states + (((size_t)b * p->heads + h) * p->n_chunks + n) * kp * vp, state,
+                        sizeof(float) * kp * vp);
+  float *out = w->d_v; /* [C x Vp] scratch: o = q_decay . S + A . v */
+  matmul(c, vp, kp, w->q_decay, kp, state, vp, out, vp, 0);
+  if (!p->per_key) attention_scalar(p, w);
+  for (int a = 0; a < c / BLOCK; a++) {
+    if (p->per_key) attention_block(p, w, a);
+    matmul(BLOCK, vp, (a + 1) * BLOCK, w->attention + a * BLOCK * c, c, w->v, vp, out + a * BLOCK * vp, vp, 1);
   }
-  if (p->final) store_state(p, w->state, p->final + seq * kv);
+  for (int i = 0; i < rows * vp; i++) out[i] *= p->scale;
+  store_rows(p, p->o, p->value_dim, b, h, n * c, rows, out, vp);
+  /* S <- exp(G_last) S + k_decay^T . v */
+  decay_state(p, w->log_decay + (c - 1) * kp, state);
+  transpose(c, kp, w->k_decay, kp, w->transposed_keys, c);
+  matmul(kp, vp, c, w->transposed_keys, c, w->v, vp, state, vp, 1);
 }
 
-static void backward_sequence(const Problem *p, Workspace *w, int seq) {
-  int b = seq / p->heads, h = seq % p->heads, c = p->chunk, kp = p->kp, vp = p->vp;
-  size_t kv = (size_t)p->key_dim * p->value_dim;
+/* Chunk n of sequence (b, h) backward, from the gradient of the state leaving it (`d_state`,
+ * [Kp x Vp]) to that of the state entering it (in place). */
+static void backward_chunk(const Problem *p, Workspace *w, int b, int h, int n, float *d_state) {
+  int c = p->chunk, kp = p->kp, vp = p->vp;
   float through_last[kp];
-  copy_state(p, p->d_final ? p->d_final + seq * kv : NULL, w->d_state);
-  for (int n = p->n_chunks - 1; n >= 0; n--) {
-    int rows = load_chunk(p, w, b, h, n);
-    const float *entering = p->states + ((size_t)seq * p->n_chunks + n) * kp * vp;
-    const float *G = w->log_decay, *last = G + (c - 1) * kp;
-    load_rows(p, p->d_o, p->value_dim, b, h, n * c, rows, p->scale, w->d_o, vp);
-    /* Through the state leaving the chunk (dS): dv = k_decay . dS, d(k_decay) = v . dS^T; the
-     * state entering it: d(q_decay) = dO . S_in^T */
-    matmul(c, vp, kp, w->k_decay, kp, w->d_state, vp, w->d_v, vp, 0);
-    transpose(kp, vp, w->d_state, vp, w->state_t, kp);
-    matmul(c, kp, vp, w->v, vp, w->state_t, kp, w->d_kd, kp, 0);
-    transpose(kp, vp, entering, vp, w->state_t, kp);
-    matmul(c, kp, vp, w->d_o, vp, w->state_t, kp, w->d_qd, kp, 0);
-    /* G_last scales every key of the chunk and the state carried through it */
-    for (int d = 0; d < kp; d++) through_last[d] = 0.0f;
-    for (int i = 0; i < c; i++)
-      for (int d = 0; d < kp; d++) through_last[d] += w->d_kd[i * kp + d] * w->k_decay[i * kp + d];
+  int rows = load_chunk(p, w, b, h, n);
+  const float *entering = p->states + (((size_t)b * p->heads + h) * p->n_chunks + n) * kp * vp;
+  const float *G = w->log_decay, *last = G + (c - 1) * kp;
+  load_rows(p, p->d_o, p->value_dim, b, h, n * c, rows, p->scale, w->d_o, vp);
+  /* Through the state leaving the chunk (dS): dv = k_decay . dS, d(k_decay) = v . dS^T; the
+   * state entering it: d(q_decay) = dO . S_in^T */
+  matmul(c, vp, kp, w->k_decay, kp, d_state, vp, w->d_v, vp, 0);
+  transpose(kp, vp, d_state, vp, w->state_t, kp);
+  matmul(c, kp, vp, w->v, vp, w->state_t, kp, w->d_kd, kp, 0);
+  transpose(kp, vp, entering, vp, w->state_t, kp);
+  matmul(c, kp, vp, w->d_o, vp, w->state_t, kp, w->d_qd, kp, 0);
+  /* G_last scales every key of the chunk and the state carried through it */
+  for (int d = 0; d < kp; d++) through_last[d] = 0.0f;
+  for (int i = 0; i < c; i++)
+    for (int d = 0; d < kp; d++) through_last[d] += w->d_kd[i * kp + d] * w->k_decay[i * kp + d];
+  for (int d = 0; d < kp; d++) {
+    float carried = 0.0f;
+    for (int e = 0; e < vp; e++) carried += entering[d * vp + e] * d_state[d * vp + e];
+    through_last[d] += exp_clamped(last[d]) * carried;
+  }
+  /* dS_in = exp(G_last) dS + q_decay^T . dO */
+  decay_state(p, last, d_state);
+  transpose(c, kp, w->q_decay, kp, w->transposed_keys, c);
+  matmul(kp, vp, c, w->transposed_keys, c, w->d_o, vp, d_state, vp, 1);
+  for (int i = 0; i < c; i++)
     for (int d = 0; d < kp; d++) {
-      float carried = 0.0f;
-      for (int e = 0; e < vp; e++) carried += entering[d * vp + e] * w->d_state[d * vp + e];
-      through_last[d] += exp_clamped(last[d]) * carried;
+      w->d_q[i * kp + d] = w->d_qd[i * kp + d] * w->q_factor[i * kp + d];
+      w->d_k[i * kp + d] = w->d_kd[i * kp + d] * w->k_factor[i * kp + d];
     }
-    /* dS_in = exp(G_last) dS + q_decay^T . dO */
-    decay_state(p, last, w->d_state);
-    transpose(c, kp, w->q_decay, kp, w->transposed_keys, c);
-    matmul(kp, vp, c, w->transposed_keys, c, w->d_o, vp, w->d_state, vp, 1);
-    for (int i = 0; i < c; i++)
-      for (int d = 0; d < kp; d++) {
-        w->d_q[i * kp + d] = w->d_qd[i * kp + d] * w->q_factor[i * kp + d];
-        w->d_k[i * kp + d] = w->d_kd[i * kp + d] * w->k_factor[i * kp + d];
-      }
-    /* Through A: dA = dO . v^T on and below the diagonal, block by block with A itself */
-    transpose(c, vp, w->v, vp, w->transposed_keys, c);
-    memset(w->attention, 0, sizeof(float) * c * c);
-    memset(w->d_attention, 0, sizeof(float) * c * c);
-    for (int a = 0; a < c / BLOCK; a++) {
-      int r = a * BLOCK;
-      float *dA = w->d_attention + r * c;
-      matmul(BLOCK, r + BLOCK, vp, w->d_o + r * vp, vp, w->transposed_keys, c, dA, c, 0);
-      for (int i = 0; i < BLOCK; i++)
-        for (int j = i + 1; j < BLOCK; j++) dA[i * c + r + j] = 0.0f;
-    }
-    if (p->per_key) {
-      for (int a = 0; a < c / BLOCK; a++) attention_block_backward(p, w, a, attention_block(p, w, a));
-    } else {
-      attention_scalar(p, w);
-      attention_scalar_backward(p, w);
-    }
-    /* dv += A^T . dO */
-    transpose(c, c, w->attention, c, w->transposed, c);
-    for (int a = 0; a < c / BLOCK; a++)
-      matmul(BLOCK, vp, c - a * BLOCK, w->transposed + a * BLOCK * (c + 1), c, w->d_o + a * BLOCK * vp, vp,
-             w->d_v + a * BLOCK * vp, vp, 1);
-    /* dL/dG_i = q_i dq_i - k_i dk_i (+ the G_last terms), then back through the cumulative sum */
-    float *dG = w->d_qd;
-    for (int i = 0; i < c; i++)
-      for (int d = 0; d < kp; d++) dG[i * kp + d] = w->q[i * kp + d] * w->d_q[i * kp + d] - w->k[i * kp + d] * w->d_k[i * kp + d];
-    for (int d = 0; d < kp; d++) dG[(c - 1) * kp + d] += through_last[d];
-    for (int i = c - 2; i >= 0; i--)
-      for (int d = 0; d < kp; d++) dG[i * kp + d] += dG[(i + 1) * kp + d];
-    store_rows(p, p->dq, p->key_dim, b, h, n * c, rows, w->d_q, kp);
-    store_rows(p, p->dk, p->key_dim, b, h, n * c, rows, w->d_k, kp);
-    store_rows(p, p->dv, p->value_dim, b, h, n * c, rows, w->d_v, vp);
-    if (p->per_key) {
-      store_rows(p, p->dg, p->key_dim, b, h, n * c, rows, dG, kp);
-    } else {
-      for (int i = 0; i < rows; i++) {
-        float sum = 0.0f;
-        for (int d = 0; d < p->key_dim; d++) sum += dG[i * kp + d];
-        p->dg[((size_t)b * p->length + n * c + i) * p->heads + h] = sum;
-      }
+  /* Through A: dA = dO . v^T on and below the diagonal, block by block with A itself */
+  transpose(c, vp, w->v, vp, w->transposed_keys, c);
+  memset(w->attention, 0, sizeof(float) * c * c);
+  memset(w->d_attention, 0, sizeof(float) * c * c);
+  for (int a = 0; a < c / BLOCK; a++) {
+    int r = a * BLOCK;
+    float *dA = w->d_attention + r * c;
+    matmul(BLOCK, r + BLOCK, vp, w->d_o + r * vp, vp, w->transposed_keys, c, dA, c, 0);
+    for (int i = 0; i < BLOCK; i++)
+      for (int j = i + 1; j < BLOCK; j++) dA[i * c + r + j] = 0.0f;
+  }
+  if (p->per_key) {
+    for (int a = 0; a < c / BLOCK; a++) attention_block_backward(p, w, a, attention_block(p, w, a));
+  } else {
+    attention_scalar(p, w);
+    attention_scalar_backward(p, w);
+  }
+  /* dv += A^T . dO */
+  transpose(c, c, w->attention, c, w->transposed, c);
+  for (int a = 0; a < c / BLOCK; a++)
+    matmul(BLOCK, vp, c - a * BLOCK, w->transposed + a * BLOCK * (c + 1), c, w->d_o + a * BLOCK * vp, vp,
+           w->d_v + a * BLOCK * vp, vp, 1);
+  /* dL/dG_i = q_i dq_i - k_i dk_i (+ the G_last terms), then back through the cumulative sum */
+  float *dG = w->d_qd;
+  for (int i = 0; i < c; i++)
+    for (int d = 0; d < kp; d++) dG[i * kp + d] = w->q[i * kp + d] * w->d_q[i * kp + d] - w->k[i * kp + d] * w->d_k[i * kp + d];
+  for (int d = 0; d < kp; d++) dG[(c - 1) * kp + d] += through_last[d];
+  for (int i = c - 2; i >= 0; i--)
+    for (int d = 0; d < kp; d++) dG[i * kp + d] += dG[(i + 1) * kp + d];
+  store_rows(p, p->dq, p->key_dim, b, h, n * c, rows, w->d_q, kp);
+  store_rows(p, p->dk, p->key_dim, b, h, n * c, rows, w->d_k, kp);
+  store_rows(p, p->dv, p->value_dim, b, h, n * c, rows, w->d_v, vp);
+  if (p->per_key) {
+    store_rows(p, p->dg, p->key_dim, b, h, n * c, rows, dG, kp);
+  } else {
+    for (int i = 0; i < rows; i++) {
+      float sum = 0.0f;
+      for (int d = 0; d < p->key_dim; d++) sum += dG[i * kp + d];
+      p->dg[((size_t)b * p->length + n * c + i) * p->heads + h] = sum;
     }
   }
-  if (p->d_initial) store_state(p, w->d_state, p->d_initial + seq * kv);
 }
 
-/* ------------------------------------------------------------------ threads */
+/* One unit of work: the heads first_head .. first_head + p->group of batch entry b, walked chunk
+ * by chunk and, within a chunk, head by head: the heads of a time step lie side by side in
+ * [B, T, H, D], so each chunk reads (and writes) one contiguous block instead of rows H * D apart.
+ * Each head's state (forward) or state gradient (backward) has its slot in w->state. */
+static void run_unit(const Problem *p, Workspace *w, int b, int first_head, int backward) {
+  size_t kv = (size_t)p->key_dim * p->value_dim, slot = (size_t)p->kp * p->vp;
+  const float *given = backward ? p->d_final : p->initial;
+  float *kept = backward ? p->d_initial : p->final;
+  for (int j = 0; j < p->group; j++)
+    copy_state(p, given ? given + ((size_t)b * p->heads + first_head + j) * kv : NULL, w->state + j * slot);
+  for (int step = 0; step < p->n_chunks; step++) {
+    int n = backward ? p->n_chunks - 1 - step : step;
+    for (int j = 0; j < p->group; j++)
+      (backward ? backward_chunk : forward_chunk)(p, w, b, first_head + j, n, w->state + j * slot);
+  }
+  if (kept)
+    for (int j = 0; j < p->group; j++)
+      store_state(p, w->state + j * slot, kept + ((size_t)b * p->heads + first_head + j) * kv);
+}
+
+/* ------------------------------------------------------------------ threads
+ *
+ * Sequences are dealt to the threads round-robin (thread t takes t, t + n, ...), each thread with
+ * its own workspace. Built with OpenMP (kernels/compiled.py tries -fopenmp first), the threads are
+ * those of the OpenMP runtime already loaded: PyTorch's libgomp.so.1 satisfies this library's
+ * dependency, so the kernel runs on PyTorch's own worker threads instead of beside them (a worker
+ * still spinning after PyTorch's last parallel op would otherwise take a core from the kernel).
+ * Without OpenMP the threads are plain pthreads. */
 
 typedef struct {
   const Problem *problem;
@@ -493,30 +519,52 @@ static void *run_job(void *arg) {
     workspace_free(&w);
     return NULL;
   }
-  for (int seq = job->first; seq < p->batch * p->heads; seq += p->threads)
-    (job->backward ? backward_sequence : forward_sequence)(p, &w, seq);
+  int groups = p->heads / p->group;
+  for (int unit = job->first; unit < p->batch * groups; unit += p->threads)
+    run_unit(p, &w, unit / groups, unit % groups * p->group, job->backward);
   workspace_free(&w);
   job->status = 0;
   return NULL;
 }
 
+#define MAX_THREADS 64
+
+/* Heads per unit: all of them when the batch entries alone share out evenly over the threads, else
+ * the fewest heads (a divisor of H) that do; one when none does (units are then the sequences). */
+static int heads_per_unit(const Problem *p, int threads) {
+  for (int group = p->heads; group > 1; group--) {
+    int units = p->batch * (p->heads / group);
+    if (p->heads % group == 0 && units >= threads && units % threads == 0) return group;
+  }
+  return 1;
+}
+
 static int run(const Problem *p, int backward) {
   int n = p->threads < 1 ? 1 : p->threads;
   if (n > p->batch * p->heads) n = p->batch * p->heads;
+  if (n > MAX_THREADS) n = MAX_THREADS;
   Problem local = *p;
   local.threads = n;
-  Job jobs[64];
-  pthread_t ids[64];
-  if (n > 64) n = local.threads = 64;
-  for (int t = 0; t < n; t++) jobs[t] = (Job){&local, t, backward, -1};
-  for (int t = 1; t < n; t++)
-    if (pthread_create(&ids[t], NULL, run_job, &jobs[t])) return -2;
-  run_job(&jobs[0]);
-  int status = jobs[0].status;
-  for (int t = 1; t < n; t++) {
-    pthread_join(ids[t], NULL);
-    status = status ? status : jobs[t].status;
+  local.group = heads_per_unit(p, n);
+  Job jobs[MAX_THREADS];
+  for (int t = 0; t < n; t++) jobs[t] = (Job){&local, t, backward, -2};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n)
+  {
+    /* the runtime may give fewer threads than asked (nested regions): deal to those there are */
+#pragma omp single
+    local.threads = omp_get_num_threads();
+    run_job(&jobs[omp_get_thread_num()]);
   }
+#else
+  pthread_t ids[MAX_THREADS];
+  int started = 1;
+  while (started < n && !pthread_create(&ids[started], NULL, run_job, &jobs[started])) started++;
+  if (started == n) run_job(&jobs[0]); /* else jobs[0] keeps its failed status: a thread could not start */
+  for (int t = 1; t < started; t++) pthread_join(ids[t], NULL);
+#endif
+  int status = 0;
+  for (int t = 0; t < local.threads; t++) status = status ? status : jobs[t].status;
   return status;
 }
 

@@ -58,19 +58,36 @@ def test_auto_exports_through_the_traceable_chunk_form():
     assert rel_rms(out, expected_out) < 1e-5 and rel_rms(state, expected_state) < 1e-5
 
 
-def test_threads_change_nothing():
-    """Each thread takes whole sequences, so 1 or 3 threads give the same bits."""
-    inputs = make_inputs(2, 70, 3, 16, 16, gate="per-key")
+@pytest.mark.parametrize("batch, heads", [(2, 3), (1, 4), (3, 4)])
+def test_threads_change_nothing(batch, heads):
+    """Each thread takes whole sequences (one, or a batch entry's heads side by side), so any number
+    of threads gives the same bits; these shapes deal out units of 1, 2 and all heads."""
+    inputs = make_inputs(batch, 70, heads, 16, 16, gate="per-key")
     before = torch.get_num_threads()
     try:
         results = []
-        for threads in (1, 3):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             results.append(run_with_grads(lambda **kw: gated_linear_attention(**kw, backend="cpu"), inputs))
     finally:
         torch.set_num_threads(before)
-    for name in results[0]:
-        assert torch.equal(results[0][name], results[1][name]), name
+    for result in results[1:]:
+        for name in results[0]:
+            assert torch.equal(results[0][name], result[name]), name
+    reference = run_with_grads(lambda **kw: gated_linear_attention(**kw, backend="recurrent"), inputs)
+    for name in reference:
+        assert rel_rms(results[0][name], reference[name]) < 1e-5, name
+
+
+def test_runs_on_pytorchs_own_openmp_threads():
+    """Built with OpenMP, the kernel links libgomp.so.1: the copy PyTorch loaded must serve it, so
+    that one pool of threads does both (a second runtime would put its threads beside PyTorch's)."""
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    if "libgomp" not in maps:
+        pytest.skip("PyTorch does not run on libgomp here")
+    assert available()  # loaded
+    gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp
 
 
 def test_gradient_of_the_output_alone():
@@ -140,10 +157,12 @@ print("rel", ((got - ref).norm() / ref.norm()).item())
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 SIMD flags")
-@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx -mno-avx2 -mno-avx512f"], ids=["AVX2", "SSE"])
-def test_narrower_simd_builds_agree(tmp_path, flags):
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx -mno-avx2 -mno-avx512f", "-fno-openmp"],
+                         ids=["AVX2", "SSE", "pthreads"])
+def test_other_builds_agree(tmp_path, flags):
     """The vector width is chosen at compile time (16 lanes with AVX-512, 8 with AVX2, 4 otherwise):
-    a laptop without AVX-512 gets the other two; both must give the same numbers."""
+    a laptop without AVX-512 gets the other two; a compiler without OpenMP gives pthreads. Each must
+    give the same numbers."""
     environment = {**os.environ, "SEQAPPS_CACHE": str(tmp_path), "SEQAPPS_CFLAGS": flags}
     result = subprocess.run([sys.executable, "-c", _NARROW_SIMD], capture_output=True, text=True, env=environment,
                             timeout=300, check=True, cwd=tmp_path)
