@@ -52,9 +52,11 @@
 typedef float vec __attribute__((vector_size(LANES * 4), aligned(4)));
 
 /* One tile of matmul: rows i .. i+ROWS, columns j .. j + vecs*LANES, kept in registers over the
- * whole depth. Inlined with vecs a constant, so each width gets its own fully unrolled code. */
-static inline __attribute__((always_inline)) void tile(int i, int j, const int vecs, int depth, const float *a, int lda,
-                                                      const float *b, int ldb, float *c, int ldc, int accumulate) {
+ * whole depth; a's element (i, p) is a[i * a_row + p * a_col]. Inlined with vecs and the strides of
+ * one of the two forms (a or its transpose) constants, so each gets its own fully unrolled code. */
+static inline __attribute__((always_inline)) void tile(int i, int j, const int vecs, int depth, const float *a,
+                                                      int a_row, int a_col, const float *b, int ldb, float *c,
+                                                      int ldc, int accumulate) {
   vec sum[ROWS][4]; /* vecs <= 4 in every configuration */
   for (int r = 0; r < ROWS; r++)
     for (int s = 0; s < vecs; s++) sum[r][s] = accumulate ? *(const vec *)(c + (i + r) * ldc + j + s * LANES) : (vec){0};
@@ -62,7 +64,7 @@ static inline __attribute__((always_inline)) void tile(int i, int j, const int v
     vec row[4];
     for (int s = 0; s < vecs; s++) row[s] = *(const vec *)(b + p * ldb + j + s * LANES);
     for (int r = 0; r < ROWS; r++) {
-      float x = a[(i + r) * lda + p];
+      float x = a[(i + r) * a_row + p * a_col];
       for (int s = 0; s < vecs; s++) sum[r][s] += x * row[s];
     }
   }
@@ -70,21 +72,37 @@ static inline __attribute__((always_inline)) void tile(int i, int j, const int v
     for (int s = 0; s < vecs; s++) *(vec *)(c + (i + r) * ldc + j + s * LANES) = sum[r][s];
 }
 
-/* c[m x n] = (accumulate ? c : 0) + a[m x depth] . b[depth x n], row-major with leading dimensions.
- * m % ROWS == 0 and n % 16 == 0 (chunk rows and padded dims are multiples of 16): tiles of VECS
- * vectors, then one narrower tile for what is left of the row (n = 16, 32, 48 are common here). */
-static void matmul(int m, int n, int depth, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
-                   int accumulate) {
+/* c[m x n] = (accumulate ? c : 0) + op(a)[m x depth] . b[depth x n], op(a)'s element (i, p) at
+ * a[i * a_row + p * a_col]. m % ROWS == 0 and n % 16 == 0 (chunk rows and padded dims are multiples
+ * of 16): tiles of VECS vectors, then one narrower tile for what is left of the row (n = 16, 32, 48
+ * are common here). */
+static inline __attribute__((always_inline)) void matmul_strided(int m, int n, int depth, const float *a, int a_row,
+                                                                int a_col, const float *b, int ldb, float *c,
+                                                                int ldc, int accumulate) {
   for (int i = 0; i < m; i += ROWS) {
     int j = 0;
-    for (; j + LANES * VECS <= n; j += LANES * VECS) tile(i, j, VECS, depth, a, lda, b, ldb, c, ldc, accumulate);
+    for (; j + LANES * VECS <= n; j += LANES * VECS)
+      tile(i, j, VECS, depth, a, a_row, a_col, b, ldb, c, ldc, accumulate);
     switch ((n - j) / LANES) {
-      case 3: tile(i, j, 3, depth, a, lda, b, ldb, c, ldc, accumulate); break;
-      case 2: tile(i, j, 2, depth, a, lda, b, ldb, c, ldc, accumulate); break;
-      case 1: tile(i, j, 1, depth, a, lda, b, ldb, c, ldc, accumulate); break;
+      case 3: tile(i, j, 3, depth, a, a_row, a_col, b, ldb, c, ldc, accumulate); break;
+      case 2: tile(i, j, 2, depth, a, a_row, a_col, b, ldb, c, ldc, accumulate); break;
+      case 1: tile(i, j, 1, depth, a, a_row, a_col, b, ldb, c, ldc, accumulate); break;
       default: break;
     }
   }
+}
+
+/* c[m x n] = (accumulate ? c : 0) + a[m x depth] . b[depth x n], row-major with leading dimensions */
+static void matmul(int m, int n, int depth, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                   int accumulate) {
+  matmul_strided(m, n, depth, a, lda, 1, b, ldb, c, ldc, accumulate);
+}
+
+/* c[m x n] = (accumulate ? c : 0) + a^T . b for a [depth x m], with no transposed copy of a (the
+ * tile reads a's elements one at a time either way) */
+static void matmul_at(int m, int n, int depth, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                      int accumulate) {
+  matmul_strided(m, n, depth, a, 1, lda, b, ldb, c, ldc, accumulate);
 }
 
 /* dst[cols x rows] = src[rows x cols]^T */
@@ -135,7 +153,7 @@ typedef struct {
 typedef struct {
   /* [C x Kp] */ float *q, *k, *log_decay, *q_factor, *k_factor, *q_decay, *k_decay, *row_factor, *rows, *col_factor, *cols, *d_q, *d_k, *d_qd, *d_kd;
   /* [C x Vp] */ float *v, *d_o, *d_v;
-  /* [C x C]  */ float *attention, *d_attention, *transposed, *decay;
+  /* [C x C]  */ float *attention, *d_attention, *decay;
   /* [Kp x C] */ float *transposed_keys;
   /* [Kp x Vp] */ float *state_t;
   /* [group x Kp x Vp] */ float *state;
@@ -160,7 +178,7 @@ static int workspace_init(Workspace *w, const Problem *p) {
   float **per_key[] = {&w->q, &w->k, &w->log_decay, &w->q_factor, &w->k_factor, &w->q_decay, &w->k_decay, &w->row_factor,
                        &w->rows, &w->col_factor, &w->cols, &w->d_q, &w->d_k, &w->d_qd, &w->d_kd};
   size_t n_per_key = sizeof per_key / sizeof *per_key;
-  size_t total = n_per_key * c * kp + 3 * c * vp + 4 * c * c + kv * c + (1 + p->group) * kv * kv + (n_per_key + 11) * SKEW;
+  size_t total = n_per_key * c * kp + 3 * c * vp + 3 * c * c + kv * c + (1 + p->group) * kv * kv + (n_per_key + 10) * SKEW;
   w->memory = (float *)calloc(total, sizeof(float));
   w->exact_diagonal = (int *)calloc(c / BLOCK, sizeof(int));
   if (!w->memory || !w->exact_diagonal) return -1;
@@ -171,7 +189,6 @@ static int workspace_init(Workspace *w, const Problem *p) {
   w->d_v = take(&m, c * vp);
   w->attention = take(&m, c * c);
   w->d_attention = take(&m, c * c);
-  w->transposed = take(&m, c * c);
   w->decay = take(&m, c * c);
   w->transposed_keys = take(&m, kv * c);
   w->state_t = take(&m, kv * kv);
@@ -310,21 +327,28 @@ static void attention_scalar(const Problem *p, Workspace *w) {
     matmul(BLOCK, width, kp, w->q + r * kp, kp, w->transposed_keys, c, w->attention + r * c, c, 0);
     for (int i = r; i < r + BLOCK; i++) {
       float *D = w->decay + i * c, *A = w->attention + i * c;
-      for (int j = 0; j < c; j++) D[j] = j <= i ? exp_clamped(g[i] - g[j]) : 0.0f;
+      for (int j = 0; j < width; j++) D[j] = j <= i ? exp_clamped(g[i] - g[j]) : 0.0f;
       for (int j = 0; j < width; j++) A[j] *= D[j];
     }
   }
 }
 
 /* The gradients through A of the scalar-decay form (given dA, zero above the diagonal), added into
- * w->d_q and w->d_k: with dS = dA * D, d_q += dS . k and d_k += dS^T . q. */
+ * w->d_q and w->d_k: with dS = dA * D, d_q += dS . k and d_k += dS^T . q, block by block over the
+ * lower triangle only (block a's rows of dS reach column r + BLOCK, its columns start at row r). */
 static void attention_scalar_backward(const Problem *p, Workspace *w) {
   int c = p->chunk, kp = p->kp;
   float *dS = w->d_attention;
-  for (int i = 0; i < c * c; i++) dS[i] *= w->decay[i];
-  matmul(c, kp, c, dS, c, w->k, kp, w->d_q, kp, 1);
-  transpose(c, c, dS, c, w->transposed, c);
-  matmul(c, kp, c, w->transposed, c, w->q, kp, w->d_k, kp, 1);
+  for (int a = 0; a < c / BLOCK; a++) {
+    int r = a * BLOCK, width = r + BLOCK;
+    for (int i = r; i < r + BLOCK; i++)
+      for (int j = 0; j < width; j++) dS[i * c + j] *= w->decay[i * c + j];
+  }
+  for (int a = 0; a < c / BLOCK; a++) {
+    int r = a * BLOCK;
+    matmul(BLOCK, kp, r + BLOCK, dS + r * c, c, w->k, kp, w->d_q + r * kp, kp, 1);
+    matmul_at(BLOCK, kp, c - r, dS + r * c + r, c, w->q + r * kp, kp, w->d_k + r * kp, kp, 1);
+  }
 }
 
 /* The gradients through block a's rows of A (given dA, zero above the diagonal, and the factors
@@ -339,8 +363,7 @@ static void attention_block_backward(const Problem *p, Workspace *w, int a, int 
     for (int i = 0; i < BLOCK; i++)
       for (int d = 0; d < kp; d++) w->d_q[(r + i) * kp + d] += scratch[i * kp + d] * w->row_factor[i * kp + d];
     /* d cols = dA[:, :width]^T . rows, times col_factor into d_k */
-    transpose(BLOCK, width, dA, c, w->transposed, BLOCK);
-    matmul(width, kp, BLOCK, w->transposed, BLOCK, w->rows, kp, scratch, kp, 0);
+    matmul_at(width, kp, BLOCK, dA, c, w->rows, kp, scratch, kp, 0);
     for (int j = 0; j < width; j++)
       for (int d = 0; d < kp; d++) w->d_k[j * kp + d] += scratch[j * kp + d] * w->col_factor[j * kp + d];
   }
@@ -395,8 +418,7 @@ static void forward_chunk(const Problem *p, Workspace *w, int b, int h, int n, f
   store_rows(p, p->o, p->value_dim, b, h, n * c, rows, out, vp);
   /* S <- exp(G_last) S + k_decay^T . v */
   decay_state(p, w->log_decay + (c - 1) * kp, state);
-  transpose(c, kp, w->k_decay, kp, w->transposed_keys, c);
-  matmul(kp, vp, c, w->transposed_keys, c, w->v, vp, state, vp, 1);
+  matmul_at(kp, vp, c, w->k_decay, kp, w->v, vp, state, vp, 1);
 }
 
 /* Chunk n of sequence (b, h) backward, from the gradient of the state leaving it (`d_state`,
@@ -426,8 +448,7 @@ static void backward_chunk(const Problem *p, Workspace *w, int b, int h, int n, 
   }
   /* dS_in = exp(G_last) dS + q_decay^T . dO */
   decay_state(p, last, d_state);
-  transpose(c, kp, w->q_decay, kp, w->transposed_keys, c);
-  matmul(kp, vp, c, w->transposed_keys, c, w->d_o, vp, d_state, vp, 1);
+  matmul_at(kp, vp, c, w->q_decay, kp, w->d_o, vp, d_state, vp, 1);
   for (int i = 0; i < c; i++)
     for (int d = 0; d < kp; d++) {
       w->d_q[i * kp + d] = w->d_qd[i * kp + d] * w->q_factor[i * kp + d];
@@ -450,11 +471,10 @@ static void backward_chunk(const Problem *p, Workspace *w, int b, int h, int n, 
     attention_scalar(p, w);
     attention_scalar_backward(p, w);
   }
-  /* dv += A^T . dO */
-  transpose(c, c, w->attention, c, w->transposed, c);
+  /* dv += A^T . dO: block a of rows takes A's rows from a * BLOCK on (A is zero above its diagonal) */
   for (int a = 0; a < c / BLOCK; a++)
-    matmul(BLOCK, vp, c - a * BLOCK, w->transposed + a * BLOCK * (c + 1), c, w->d_o + a * BLOCK * vp, vp,
-           w->d_v + a * BLOCK * vp, vp, 1);
+    matmul_at(BLOCK, vp, c - a * BLOCK, w->attention + a * BLOCK * (c + 1), c, w->d_o + a * BLOCK * vp, vp,
+              w->d_v + a * BLOCK * vp, vp, 1);
   /* dL/dG_i = q_i dq_i - k_i dk_i (+ the G_last terms), then back through the cumulative sum */
   float *dG = w->d_qd;
   for (int i = 0; i < c; i++)
