@@ -3,8 +3,9 @@
  * The same chunked form as kernels/gla_chunk.py (read its docstring first), fused: one thread takes
  * one batch entry's heads (or a group of them, run_unit) at a time and walks over their chunks with
  * every temporary of a chunk in a few hundred KB of workspace, so nothing but the inputs, the
- * outputs and the states entering each chunk ever leaves the cache. Built at first use by kernels/compiled.py (cc -O3 -march=native -fopenmp)
- * and called through ctypes; `gla_chunk` in plain PyTorch stays the reference and the fallback.
+ * outputs and the states entering each chunk ever leaves the cache. Built at first use by
+ * kernels/compiled.py (cc -O3 -march=native -fopenmp) and called through ctypes; `gla_chunk` in
+ * plain PyTorch stays the reference and the fallback.
  *
  * Layout: q, k, g (per-key) [B, T, H, K]; v, o [B, T, H, V]; g (scalar) [B, T, H]; states
  * [B, H, K, V]; all float32 and contiguous. Inside a chunk the key and value dimensions are padded
