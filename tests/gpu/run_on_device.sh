@@ -3,10 +3,14 @@
 # root). Wheels the machine lacks (seqapps itself, fla-core, mambapy) are expected in .whl/, built
 # beforehand with `pip wheel --no-deps . -w .whl` and `pip download --no-deps fla-core mambapy -d .whl`.
 # Every step has its own time limit and goes on after a failure; logs go to $OUT (or ./gpu-out).
+# ONLY=name[,name] runs just those steps. Compiled kernels and autotune timings go to .triton-cache/
+# (git-ignored, so a second call on the same warm machine keeps them): fla's first calls autotune for
+# minutes, and a rerun with ONLY=gla_vs_fla picks up where the first left off.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+ONLY=${ONLY:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
@@ -16,6 +20,7 @@ PY="python3 -P"
 
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, record the exit status
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
