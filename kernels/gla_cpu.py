@@ -4,9 +4,9 @@ The chunked form of ``gla_chunk`` (same maths, same numerical safety; its docstr
 both), computed one batch entry's heads (or a group of them) per thread, chunk by chunk, with a
 chunk's temporaries in cache and its matmuls in a register-blocked loop that the compiler
 vectorises for the machine; ``torch.get_num_threads()`` threads, PyTorch's own where the kernel
-was built with OpenMP. Forward and
-backward are one ``torch.autograd.Function``; the forward keeps the state entering each chunk
-(``[B, H, N, K, V]``, linear in ``T``) when a gradient will be asked for.
+was built with OpenMP. Forward and backward are one ``torch.autograd.Function``; the forward
+keeps the state entering each chunk (``[B, H, N, K, V]``, linear in ``T``) when a gradient will
+be asked for.
 
 Float32 arithmetic; bfloat16/float16 inputs are computed in float32 (as in ``gla_chunk``), and
 the output comes back in the input dtype. Float64 inputs are for ``chunk`` (``auto`` sends them
