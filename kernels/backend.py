@@ -68,3 +68,25 @@ def expect_chunk_size(chunk_size) -> None:
     """Raise one line unless ``chunk_size`` is a positive integer."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"chunk_size={chunk_size!r}; expected a positive integer (64 is a good default)")
+
+
+def expect_state_dims(layout: str, **dims: int) -> None:
+    """Raise one line if a dimension of the state (``K=...``, ``V=...``, ``N=...``) is 0: there is
+    no state to carry."""
+    empty = [f"{name}={size}" for name, size in dims.items() if size < 1]
+    if empty:
+        raise InputError(f"{', '.join(empty)}: the state's dimensions must be at least 1 ({layout})")
+
+
+def nothing_to_scan(output: torch.Tensor, initial_state: torch.Tensor | None, state_shape: tuple,
+                    output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The result of an op over no time steps, an empty batch or no heads: ``output``, the empty
+    output (copied, so that it stays in the autograd graph of the input it was taken from), and,
+    when asked, the state unchanged: a copy of ``initial_state`` (zeros ``state_shape`` when
+    absent) in the accumulation dtype, float32 (float64 for float64 inputs), as the backends give."""
+    acc = torch.float64 if output.dtype == torch.float64 else torch.float32
+    if not output_final_state:
+        return output.clone(), None
+    if initial_state is None:
+        return output.clone(), torch.zeros(state_shape, dtype=acc, device=output.device)
+    return output.clone(), initial_state.to(acc, copy=True)

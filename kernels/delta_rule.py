@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from seqapps.kernels.backend import expect_shape, resolve_backend
+from seqapps.kernels.backend import expect_shape, expect_state_dims, nothing_to_scan, resolve_backend
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -26,8 +26,11 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     expect_shape("beta", beta, (b, t, h), layout)
     expect_shape("g", g, (b, t, h), layout)
     expect_shape("initial_state", initial_state, (b, h, dk, dv), layout)
-    scale = dk ** -0.5 if scale is None else scale
+    expect_state_dims(layout, K=dk, V=dv)
     backend = resolve_backend(backend, q, k, v, beta)
+    if 0 in (b, t, h):
+        return nothing_to_scan(v.to(q.dtype), initial_state, (b, h, dk, dv), output_final_state)
+    scale = dk ** -0.5 if scale is None else scale
     if backend == "recurrent":
         return delta_rule_recurrent(q, k, v, beta, g, scale, initial_state, output_final_state)
     if backend == "chunk":

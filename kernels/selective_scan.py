@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.kernels.backend import expect_shape, resolve_backend
+from seqapps.kernels.backend import expect_shape, expect_state_dims, nothing_to_scan, resolve_backend
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -34,11 +34,14 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     expect_shape("z", z, (b, t, d), layout)
     expect_shape("delta_bias", delta_bias, (d,), layout)
     expect_shape("initial_state", initial_state, (b, d, n), layout)
-    if B.ndim == 4 and d % B.shape[2]:
+    if B.ndim == 4 and (B.shape[2] < 1 or d % B.shape[2]):
         from seqapps.errors import InputError
 
         raise InputError(f"B has {B.shape[2]} groups, which do not divide the {d} channels of u")
+    expect_state_dims(layout, N=n)
     backend = resolve_backend(backend, u, delta, A, B, C)
+    if 0 in (b, t, d):
+        return nothing_to_scan(u, initial_state, (b, d, n), output_final_state)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, negative_eigenvalues, initial_state,
             output_final_state)
     if backend == "recurrent":

@@ -561,6 +561,7 @@ static int heads_per_unit(const Problem *p, int threads) {
 }
 
 static int run(const Problem *p, int backward) {
+  if (p->batch < 1 || p->heads < 1) return 0; /* no sequences: nothing to do */
   int n = p->threads < 1 ? 1 : p->threads;
   if (n > p->batch * p->heads) n = p->batch * p->heads;
   if (n > MAX_THREADS) n = MAX_THREADS;
