@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from seqapps.errors import InputError
+from seqapps.kernels.backend import BACKENDS
 from seqapps.kernels.gla import gla_cpu_available
 
 OPS = ("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa", "mamba_block", "lightnet_image")
+MODES = ("fwd", "fwd_bwd")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 @dataclass
@@ -210,13 +213,19 @@ def run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa"),
               dtype: str = "float32", device: str = "auto", warmup: int = 1, repeats: int = 3,
               recurrent_max_len: int = 1024, mamba_d_model: int = 128, fla: bool = True,
               log: Callable[[str], None] = print) -> dict:
-    """Time every (op, backend, T, mode); returns ``{"machine": ..., "cases": [...]}``."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    """Time every (op, backend, T, mode); returns ``{"machine": ..., "cases": [...]}``. Every
+    option is checked first: a bad one is one ``InputError`` before anything runs."""
+    ops, backends, modes = (_choices(name, value, allowed) for name, value, allowed in
+                            (("op", ops, OPS), ("backend", backends, BACKENDS), ("mode", modes, MODES)))
+    lengths = _counts("lengths", lengths, minimum=1)
+    for name, value, minimum in (("batch", batch, 1), ("heads", heads, 1), ("dim", dim, 1), ("warmup", warmup, 0),
+                                 ("repeats", repeats, 1), ("recurrent_max_len", recurrent_max_len, 0),
+                                 ("mamba_d_model", mamba_d_model, 1)):
+        _counts(name, value, minimum, single=True)
+    if dtype not in DTYPES:
+        raise InputError(f"bench: dtype={dtype!r}; choose from {', '.join(DTYPES)}")
+    dev = _device(device)
     dt = getattr(torch, dtype)
-    for op in ops:
-        if op not in OPS:
-            raise InputError(f"bench: unknown op '{op}'; choose from {', '.join(OPS)}")
     ceiling = matmul_gflops(dev, dt)
     log(f"device {dev} ({torch.get_num_threads()} threads), {dtype}; matmul ceiling {ceiling:.1f} GFLOP/s")
     cases: list[Case] = []
@@ -237,6 +246,41 @@ def run_bench(ops=("gla", "gla_scalar", "delta_rule", "selective_scan", "sdpa"),
                         "matmul_gflops": ceiling, "torch": torch.__version__},
             "shape": {"batch": batch, "heads": heads, "dim": dim, "mamba_d_model": mamba_d_model},
             "cases": [asdict(c) for c in cases]}
+
+
+def _choices(what: str, value, allowed: tuple[str, ...]) -> list[str]:
+    """``value`` (a name or a list of names) as a list, each one of ``allowed``."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names:
+        raise InputError(f"bench: {what}s={value!r}; expected a list such as [{allowed[0]}] from {', '.join(allowed)}")
+    for name in names:
+        if name not in allowed:
+            raise InputError(f"bench: unknown {what} '{name}'; choose from {', '.join(allowed)}")
+    return list(names)
+
+
+def _counts(option: str, value, minimum: int, single: bool = False) -> list[int]:
+    """``value`` (an integer, or for lists a list of them) as a list, each at least ``minimum``."""
+    numbers = [value] if single or not isinstance(value, (list, tuple)) else value
+    if not numbers or any(isinstance(n, bool) or not isinstance(n, int) or n < minimum for n in numbers):
+        kind = "an integer" if single else "integers (a list such as [512, 4096])"
+        raise InputError(f"bench: {option}={value!r}; expected {kind} of at least {minimum}")
+    return list(numbers)
+
+
+def _device(device: str) -> torch.device:
+    """``auto`` (a CUDA GPU when there is one, else the CPU), ``cpu`` or ``cuda[:N]``, checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"bench: device={device!r}; expected auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"bench: device={device!r}; expected auto, cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"bench: device={device!r} but no CUDA GPU is visible here; use device=cpu (or auto)")
+    return dev
 
 
 def _backends_for(op: str, backends, dev, fla: bool) -> list[str]:
@@ -269,7 +313,7 @@ def _measure(op, backend, T, mode, batch, heads, dim, dev, dt, warmup, repeats, 
             fn = _fla_fn(op) if backend == "fla" else _op_fn(op, backend)
             run = _runner(fn, inputs, mode)
         reps = 1 if backend == "recurrent" else repeats
-        ms, peak = time_case(run, dev, warmup=0 if backend == "recurrent" else 1, repeats=reps)
+        ms, peak = time_case(run, dev, warmup=0 if backend == "recurrent" else warmup, repeats=reps)
         return Case(op, backend, T, mode, ms, peak)
     except ImportError as err:
         return Case(op, backend, T, mode, None, None, note=f"not installed: {err.name}")

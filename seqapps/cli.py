@@ -64,8 +64,10 @@ def _bench(cfg):
     from seqapps.bench import markdown, run_bench, write_result
     from seqapps.tasks.build import to_plain
 
+    from seqapps.runs import expect_writable
+
     options = to_plain(cfg)
-    out = options.pop("out")
+    out = expect_writable(options.pop("out"), "out")
     result = run_bench(**options)
     print(markdown(result))
     print(f"written: {write_result(result, out)} (and .md)")

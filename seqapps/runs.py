@@ -31,6 +31,23 @@ def new_run_dir(root: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def expect_writable(path: str | os.PathLike, option: str) -> Path:
+    """Raise one line unless a file can be written at ``path`` (its folders created as needed):
+    checked before a long job, so that its result is not lost at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option}={path} is a folder; give a file path such as {path / 'bench.json'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # what writing there needs, tried (and removed)
+            pass
+    except OSError:
+        raise InputError(f"{option}={path}: files cannot be written in {folder}; choose another path") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader (or a crash) sees the old file or the new
     one, never half of one: a temporary file in the same folder, fsync, rename."""

@@ -1,12 +1,16 @@
-"""`seqapps bench` runs every op and anchor and reports a table and JSON (no timing asserted)."""
+"""`seqapps bench` runs every op and anchor and reports a table and JSON (no timing asserted); a bad
+option, or an `out` that cannot be written, is refused in one line before anything runs."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 from conftest import run_cli
 
 from seqapps.bench import markdown, run_bench
+from seqapps.errors import InputError
 from seqapps.kernels.gla_cpu import available as cpu_kernel_available
 
 
@@ -44,3 +48,33 @@ def test_bench_cli_writes_json_and_markdown(tmp_path):
     assert "| sdpa | sdpa |" in out.with_suffix(".md").read_text()
     proc = run_cli("bench", "ops=[nope]", f"out={out}", cwd=tmp_path)
     assert proc.returncode == 2 and "unknown op 'nope'" in proc.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("ops", ["gla", "glaa"], "unknown op 'glaa'"),
+    ("ops", [], "ops=[]"),
+    ("backends", ["gpu"], "unknown backend 'gpu'"),
+    ("modes", ["back"], "unknown mode 'back'"),
+    ("lengths", [512, 0], "lengths=[512, 0]; expected integers"),
+    ("lengths", "abc", "lengths='abc'"),
+    ("batch", -1, "batch=-1; expected an integer of at least 1"),
+    ("repeats", 0, "repeats=0"),
+    ("warmup", 1.5, "warmup=1.5"),
+    ("dtype", "float8", "dtype='float8'; choose from"),
+    ("device", "tpu", "device='tpu'; expected auto, cpu or cuda"),
+])
+def test_bad_options_are_refused_before_anything_runs(option, value, message):
+    logged = []
+    with pytest.raises(InputError, match=re.escape(message)):
+        run_bench(**{option: value}, log=logged.append)
+    assert not logged  # refused before the matmul ceiling is even measured
+
+
+def test_bench_cli_refuses_an_unwritable_out_before_running(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for out, message in ((tmp_path, "is a folder"), (blocker / "bench.json", "files cannot be written in")):
+        proc = run_cli("bench", "ops=[sdpa]", "lengths=[16]", f"out={out}", cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert "matmul ceiling" not in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
