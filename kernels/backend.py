@@ -64,6 +64,18 @@ def expect_shape(name: str, tensor: torch.Tensor | None, shape: tuple, layout: s
         raise InputError(f"{name} has shape {list(tensor.shape)}; expected {want} ({layout})")
 
 
+def expect_tensors(layout: str, **tensors: torch.Tensor | None) -> None:
+    """Raise one line unless each given input (``None``: not given) is a floating-point tensor."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(f"{name} is a {type(tensor).__name__}; expected a torch.Tensor ({layout})")
+        if not tensor.is_floating_point():
+            raise InputError(f"{name} has dtype {tensor.dtype}; expected floating point (float32, bfloat16, "
+                             "float16 or float64)")
+
+
 def expect_chunk_size(chunk_size) -> None:
     """Raise one line unless ``chunk_size`` is a positive integer."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from seqapps.kernels.backend import expect_shape, expect_state_dims, nothing_to_scan, resolve_backend
+from seqapps.kernels.backend import (expect_shape, expect_state_dims, expect_tensors, nothing_to_scan,
+                                     resolve_backend)
 
 
 def gla_cpu_available() -> bool:
@@ -25,9 +26,11 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                            output_final_state: bool = False, backend: str = "auto",
                            chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``."""
+    layout = "q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] or [B, T, H]; state [B, H, K, V]"
+    expect_tensors(layout, q=q, k=k, v=v, g=g, initial_state=initial_state)
+    expect_shape("q", q, (None,) * 4, layout)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    layout = "q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] or [B, T, H]; state [B, H, K, V]"
     expect_shape("k", k, (b, t, h, dk), layout)
     expect_shape("v", v, (b, t, h, None), layout)
     expect_shape("g", g, (b, t, h, dk) if g.ndim == 4 else (b, t, h), layout)

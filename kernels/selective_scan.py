@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.kernels.backend import expect_shape, expect_state_dims, nothing_to_scan, resolve_backend
+from seqapps.kernels.backend import (expect_shape, expect_state_dims, expect_tensors, nothing_to_scan,
+                                     resolve_backend)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -23,9 +24,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    output_final_state: bool = False, backend: str = "auto",
                    chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns ``(y [B, T, D], final_state [B, D, N] or None)``."""
-    b, t, d = u.shape
-    n = A.shape[-1]
     layout = "u, delta, z [B, T, D]; A [D, N]; B, C [B, T, N] or [B, T, G, N]; D, delta_bias [D]; state [B, D, N]"
+    expect_tensors(layout, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                   initial_state=initial_state)
+    expect_shape("u", u, (None,) * 3, layout)
+    b, t, d = u.shape
+    n = B.shape[-1] if B.ndim in (3, 4) else (A.shape[-1] if A.ndim == 2 else None)  # the state size
     expect_shape("delta", delta, (b, t, d), layout)
     expect_shape("A", A, (d, n), layout)
     expect_shape("B", B, (b, t, n) if B.ndim == 3 else (b, t, None, n), layout)

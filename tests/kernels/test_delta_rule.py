@@ -213,7 +213,9 @@ def _bad(**changes) -> dict:
     (_bad(initial_state=torch.randn(1, 2, 4, 5)), {}),
     (_bad(), {"backend": "fast"}),
     (_bad(), {"backend": "chunk", "chunk_size": 0}),
-], ids=["k", "v", "beta", "g per key", "initial_state", "backend", "chunk_size"])
+    (_bad(beta=torch.ones(1, 6, 2, dtype=torch.int32)), {}),
+    (_bad(q=torch.randn(6, 2, 4)), {}),
+], ids=["k", "v", "beta", "g per key", "initial_state", "backend", "chunk_size", "integer beta", "q 3-D"])
 def test_bad_input_raises_one_line(inputs, options):
     with pytest.raises(InputError) as raised:
         delta_rule(**inputs, **options)

@@ -163,6 +163,9 @@ BAD_INPUTS = {
     "initial_state with K and V swapped": ({"initial_state": torch.zeros(1, 2, 6, 4)}, "initial_state has shape"),
     "initial_state without the batch": ({"initial_state": torch.zeros(2, 4, 6)}, "initial_state has shape"),
     "unknown backend": ({"backend": "fast"}, "backend='fast'"),
+    "integer q": ({"q": torch.ones(1, 8, 2, 4, dtype=torch.long)}, "q has dtype torch.int64; expected floating"),
+    "q as a list": ({"q": torch.zeros(1, 8, 2, 4).tolist()}, "q is a list; expected a torch.Tensor"),
+    "q without the batch": ({"q": torch.zeros(8, 2, 4)}, "q has shape [8, 2, 4]"),
 }
 
 

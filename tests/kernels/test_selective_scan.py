@@ -152,6 +152,9 @@ def test_gradcheck_float64(negative, t, chunk_size, groups):
     ({"C": torch.zeros(2, 37, 5)}, "C has shape"),
     ({"initial_state": torch.zeros(2, 6, 3)}, "initial_state has shape"),
     ({"D": torch.zeros(5)}, "D has shape"),
+    ({"A": torch.zeros(6)}, r"A has shape \[6\]; expected \[6, 4\]"),
+    ({"u": torch.zeros(36, 6)}, "u has shape"),
+    ({"z": torch.zeros(2, 37, 6, dtype=torch.bool)}, "z has dtype torch.bool"),
 ])
 def test_bad_input_is_one_line(change, message):
     with pytest.raises(InputError, match=message) as raised:
