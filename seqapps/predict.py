@@ -24,7 +24,7 @@ def load_for_predict(source: str):
     if path.is_dir() or path.is_file():
         from seqapps.runs import load_module, resolve_checkpoint, run_test_metrics
 
-        ckpt = resolve_checkpoint(str(path), None) if path.is_dir() else path
+        ckpt = resolve_checkpoint(str(path), None, option="model") if path.is_dir() else path
         module = load_module(ckpt)
         info = {**module.data_info, "test_metrics": run_test_metrics(ckpt)}
         return module.export_module().eval(), info, module.predictor

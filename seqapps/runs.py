@@ -101,8 +101,9 @@ class RNGState(Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def resolve_checkpoint(run: str | None, ckpt: str | None, which: str = "best") -> Path:
-    """The checkpoint named by ``ckpt=``, or the ``best``/``last`` one of the run folder ``run=``."""
+def resolve_checkpoint(run: str | None, ckpt: str | None, which: str = "best", option: str = "run") -> Path:
+    """The checkpoint named by ``ckpt=``, or the ``best``/``last`` one of the run folder ``run``
+    (given as the option ``option``, named in the errors)."""
     if ckpt:
         path = Path(ckpt)
         if not path.is_file():
@@ -113,7 +114,7 @@ def resolve_checkpoint(run: str | None, ckpt: str | None, which: str = "best") -
         raise InputError("no model given: pass run=<run folder> or ckpt=<checkpoint file>")
     folder = Path(run) / "checkpoints"
     if not folder.is_dir():
-        raise InputError(f"run: '{run}' is not a run folder (no checkpoints/ inside); give a folder "
+        raise InputError(f"{option}: '{run}' is not a run folder (no checkpoints/ inside); give a folder "
                          "written by `seqapps train`, e.g. runs/<date>_<time>_<name>")
     if which not in ("best", "last"):
         raise InputError(f"which='{which}': choose best or last")
@@ -121,7 +122,7 @@ def resolve_checkpoint(run: str | None, ckpt: str | None, which: str = "best") -
     if not candidates and (folder / "last.ckpt").is_file():
         candidates = [folder / "last.ckpt"]
     if not candidates:
-        raise InputError(f"run: '{run}' holds no checkpoint yet ({folder} is empty)")
+        raise InputError(f"{option}: '{run}' holds no checkpoint yet ({folder} is empty)")
     return candidates[-1]
 
 

@@ -67,7 +67,7 @@ def load_pretrained(module, source: str) -> dict:
         state = load_file(str(path / "model.safetensors"))
         prefix = "net." if any(k.startswith("net.") for k in state) else ""
     elif path.is_dir() or path.is_file():
-        ckpt = resolve_checkpoint(str(path), None) if path.is_dir() else path
+        ckpt = resolve_checkpoint(str(path), None, option="pretrained") if path.is_dir() else path
         state, prefix = load_checkpoint_dict(ckpt)["state_dict"], "net."
     else:
         raise InputError(f"pretrained: nothing at '{source}'; give a run folder, a .ckpt file or "

@@ -1,4 +1,4 @@
-"""Samplers shared by the tasks' data modules."""
+"""Samplers, and the checks of the loader options, shared by the tasks' data modules."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+from seqapps.errors import InputError
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -24,3 +26,12 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def expect_loader_options(batch_size, num_workers) -> None:
+    """Raise one line unless ``data.batch_size`` is a positive and ``data.num_workers`` a
+    non-negative integer: checked when the data is loaded, before any run folder is written (the
+    DataLoader would refuse them only once training has started)."""
+    for option, value, minimum in (("data.batch_size", batch_size, 1), ("data.num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise InputError(f"{option}={value!r}; expected an integer of at least {minimum}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from seqapps.tasks.sampling import EpochSeededSampler
+from seqapps.tasks.sampling import EpochSeededSampler, expect_loader_options
 
 
 class SplitsDataModule(L.LightningDataModule):
@@ -26,6 +26,7 @@ class SplitsDataModule(L.LightningDataModule):
     def load(self) -> None:
         """``read()`` the data, the first time only."""
         if not getattr(self, "_loaded", False):
+            expect_loader_options(self.batch_size, self.num_workers)
             self.read()
             self._loaded = True
 

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from seqapps.errors import InputError
-from seqapps.tasks.sampling import EpochSeededSampler
+from seqapps.tasks.sampling import EpochSeededSampler, expect_loader_options
 
 FEATURE_MODES = ("M", "S", "MS")
 BUILTIN_DATASETS = ("weather", "weather_ak", "ar")
@@ -272,6 +272,7 @@ class ForecastDataModule(L.LightningDataModule):
         """Read, check, split and scale the data; raises :class:`InputError` on bad input."""
         if self._prepared:
             return
+        expect_loader_options(self.batch_size, self.num_workers)
         if self.features not in FEATURE_MODES:
             raise InputError(f"data.features='{self.features}' is not a mode; use M (all variables), "
                              "S (the target alone) or MS (all in, the target out)")

@@ -128,6 +128,8 @@ def _snapshot(folder):
     (["trainer.accelerator=bogus"], "cannot build lightning.Trainer"),
     (["task=nope"], "nope"),
     (["ckpt_path={run}/checkpoints/last.ckpt", "data.path=does/not/exist.csv"], "no file at"),
+    (["data.batch_size=0"], "data.batch_size=0; expected an integer of at least 1"),
+    (["experiment=digits_mixers", "data.num_workers=-1"], "data.num_workers=-1; expected an integer of at least 0"),
 ])
 def test_bad_input_one_line_nonzero_exit_nothing_written(trained_run, tmp_path, capsys, args, expected):
     from conftest import write_tslib_csv
@@ -155,6 +157,15 @@ def test_bad_input_through_the_real_process(tmp_path):
     assert proc.returncode == 2 and "unknown verb" in proc.stderr
     proc = run_cli("train", "data.path=missing.csv", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("verb, option", [("finetune", "pretrained"), ("predict", "model")])
+def test_a_folder_without_checkpoints_is_named_by_its_option(verb, option, tmp_path, capsys):
+    code = main([verb, f"{option}={tmp_path}", f"input={tmp_path / 'x.csv'}"] if verb == "predict"
+                else [verb, f"{option}={tmp_path}", f"paths.runs={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"seqapps {verb}: error: {option}: '{tmp_path}' is not a run folder"), err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_predict_rejects_short_or_wrong_input(trained_run, tmp_path, capsys):
