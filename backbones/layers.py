@@ -27,6 +27,8 @@ class ShortConvolution(nn.Module):
         xt = x.transpose(1, 2)  # [B, C, T]
         if cache is None:
             cache = self.init_cache(x.shape[0], x.device, x.dtype)
+        if x.shape[1] == 0:  # an empty piece of a stream: nothing to convolve, the cache as it was
+            return x.clone(), cache
         padded = torch.cat([cache.to(xt.dtype), xt], dim=-1)
         y = self.conv(padded).transpose(1, 2)
         new_cache = padded[..., padded.shape[-1] - (self.kernel_size - 1):]

@@ -100,6 +100,8 @@ class Attention(Mixer):
         self.check_input(x)
         if state is not None:
             self.check_state(state, x.shape[0])
+        if x.numel() == 0:  # an empty piece of a stream or an empty batch: the cache as it was
+            return x.new_zeros(x.shape), self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
         return self._attend(x, state)
 
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

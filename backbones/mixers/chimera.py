@@ -201,7 +201,7 @@ class Chimera(Mixer):
             state = self.init_state(batch, device=x.device, dtype=x.dtype, num_variates=v)
         else:
             self._check_state_for(state, batch, v)
-        if t == 0:
+        if x.numel() == 0:  # no time steps, variates or batch: the state as it was
             empty = x.new_zeros(x.shape)
             return (empty.squeeze(1) if sequence else empty), state
         u, z = self.in_proj(x).chunk(2, dim=-1)  # [B, V, T, E] each

@@ -270,7 +270,7 @@ class LightNet(Mixer):
             state = self.init_state(batch, device=x.device, column_shape=column)
         else:
             self._check_state_for(state, batch, column)
-        if x.shape[-2] == 0:
+        if x.numel() == 0:  # no time steps (or an empty batch or grid): the state as it was
             return x.new_zeros(x.shape), state
         return self._mix(x, state, backend="auto")
 

@@ -235,6 +235,8 @@ class MLSTM(Mixer):
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         self.check_state(state, x.shape[0])
+        if x.numel() == 0:  # an empty piece of a stream or an empty batch: the state as it was
+            return x.new_zeros(x.shape), state
         cells, z = self.up_proj(x).chunk(2, dim=-1)  # [B, T, E] each
         conv_out, conv_cache = self.conv(cells, state[0])
         h, cell_state = mlstm_cell(*self._cell_inputs(cells, conv_out), state[1:], self.chunk_size)

@@ -159,6 +159,8 @@ class RWKV6(Mixer):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         else:
             self.check_state(state, x.shape[0])
+        if x.numel() == 0:  # an empty piece of a stream or an empty batch: the state as it was
+            return x.new_zeros(x.shape), state
         last_token, initial_memory = state
         previous = torch.cat([last_token.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
         r, k, v, log_decay, gate = self._time_mix(x, previous)

@@ -1,7 +1,7 @@
 """One harness for every registered mixer: a new mixer is tested by being registered.
 
-forward on the whole sequence = forward over pieces with the state carried = ``step`` token by
-token; causality; gradients reach every parameter; ``torch.export`` of ``step``; ONNX export of
+forward on the whole sequence = forward over pieces with the state carried (empty pieces
+included) = ``step`` token by token; an empty batch; causality; gradients reach every parameter; ``torch.export`` of ``step``; ONNX export of
 ``step`` with the state as explicit inputs and outputs, checked with onnxruntime; bad input.
 """
 
@@ -40,7 +40,7 @@ def test_whole_equals_pieces_equals_steps(name):
     with torch.no_grad():
         y, final = mixer(x)
         state, pieces = None, []
-        for a, b in ((0, 1), (1, 8), (8, 13), (13, T)):
+        for a, b in ((0, 0), (0, 1), (1, 8), (8, 8), (8, 13), (13, T)):  # empty pieces too
             y_piece, state = mixer(x[:, a:b], state)
             pieces.append(y_piece)
         y_steps, step_state = run_steps(mixer, x)
@@ -50,6 +50,16 @@ def test_whole_equals_pieces_equals_steps(name):
     for a, b, c in zip(final, state, step_state):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_an_empty_batch_mixes_to_an_empty_output(name):
+    mixer, x = make(name), sequence()[:0]
+    with torch.no_grad():
+        y, state = mixer(x)
+        y_next, _ = mixer(x, state)
+    assert y.shape == x.shape and y_next.shape == x.shape
+    assert all(s.shape == i.shape for s, i in zip(state, mixer.init_state(0)))
 
 
 @pytest.mark.parametrize("name", MIXERS)
