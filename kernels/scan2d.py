@@ -59,7 +59,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from seqapps.errors import InputError
-from seqapps.kernels.backend import expect_shape
+from seqapps.kernels.backend import expect_shape, nothing_to_scan
 
 BACKENDS = ("auto", "recurrent", "chunk")
 SWEEPS = ("auto", "variates", "time")
@@ -91,7 +91,9 @@ def scan2d(x: torch.Tensor, delta_time: torch.Tensor, delta_variate: torch.Tenso
         raise InputError(f"backend='{backend}' is not one of {', '.join(BACKENDS)} (scan2d has no triton kernel)")
     args = (x, delta_time, delta_variate, A_time, A_variate, A_time_from_variate, A_variate_from_time,
             B_time, B_variate, C_time, C_variate, initial_state, output_final_state)
-    if backend == "recurrent" or t == 0:  # an empty grid: the loop returns the state unchanged
+    if x.numel() == 0:  # no time steps, variates, channels or batch: the state as it was
+        return nothing_to_scan(x, initial_state, (b, v, 2, d, A_time.shape[-1]), output_final_state)
+    if backend == "recurrent":
         return scan2d_recurrent(*args)
     return scan2d_chunk(*args)
 

@@ -1,7 +1,8 @@
 """Every op and backend over nothing: no time steps (an empty piece of a stream), an empty batch or
-no heads give an empty output and the state unchanged, with the gradient of the final state
-reaching the initial state whole; a state with a zero dimension is refused in one line. (The fused
-C kernel crashed the process on an empty batch before the ops caught these cases.)"""
+no heads (no variates for the 2-D scan) give an empty output and the state unchanged, with the
+gradient of the final state reaching the initial state whole; a state with a zero dimension is
+refused in one line. (The fused C kernel crashed the process on an empty batch before the ops
+caught these cases.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from seqapps.errors import InputError
-from seqapps.kernels import delta_rule, gated_linear_attention, selective_scan
+from seqapps.kernels import delta_rule, gated_linear_attention, scan2d, selective_scan
 from seqapps.kernels.gla_cpu import available as cpu_kernel_available
 from seqapps.kernels.gla_cpu import gla_cpu
 
@@ -21,7 +22,7 @@ MARKS = {  # the backends that cannot run everywhere
     "triton": pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
                                  reason="triton on CPU tensors needs the triton package and TRITON_INTERPRET=1"),
 }
-EMPTY = {"no steps": (2, 0, 3), "empty batch": (0, 5, 3), "no heads": (2, 5, 0)}  # (B, T, H)
+EMPTY = {"no steps": (2, 0, 3), "empty batch": (0, 5, 3), "no heads": (2, 5, 0)}  # (B, T, H or variates)
 K, V, N = 4, 6, 5
 
 
@@ -44,10 +45,21 @@ def selective_scan_case(b, t, h, backend):
     return lambda **kw: selective_scan(**inputs, **kw, backend=backend), (b, t, d), (b, d, N)
 
 
+def scan2d_case(b, t, v, backend):
+    """The 2-D scan over a grid of ``v`` variates by ``t`` steps."""
+    d = 3
+    grid, coupling = (b, v, t, d), -torch.rand(d, N)
+    inputs = dict(x=torch.randn(grid), delta_time=torch.rand(grid), delta_variate=torch.rand(grid),
+                  A_time=coupling, A_variate=coupling, A_time_from_variate=coupling, A_variate_from_time=coupling,
+                  **{name: torch.randn(b, v, t, N) for name in ("B_time", "B_variate", "C_time", "C_variate")})
+    return lambda **kw: scan2d(**inputs, **kw, backend=backend), grid, (b, v, 2, d, N)
+
+
 CASES = [pytest.param(case, backend, id=f"{op}-{backend}", marks=MARKS.get(backend, ()))
          for op, case, backends in (("gla", gla_case, ("recurrent", "chunk", "cpu", "triton")),
                                     ("delta_rule", delta_rule_case, ("recurrent", "chunk", "triton")),
-                                    ("selective_scan", selective_scan_case, ("recurrent", "chunk", "triton")))
+                                    ("selective_scan", selective_scan_case, ("recurrent", "chunk", "triton")),
+                                    ("scan2d", scan2d_case, ("recurrent", "chunk")))
          for backend in backends]
 
 
