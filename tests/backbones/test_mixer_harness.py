@@ -1,8 +1,9 @@
 """One harness for every registered mixer: a new mixer is tested by being registered.
 
 forward on the whole sequence = forward over pieces with the state carried (empty pieces
-included) = ``step`` token by token; an empty batch; causality; gradients reach every parameter; ``torch.export`` of ``step``; ONNX export of
-``step`` with the state as explicit inputs and outputs, checked with onnxruntime; bad input.
+included) = ``step`` token by token; an empty batch; causality; gradients reach every parameter;
+``torch.export`` of ``step``; ONNX export of ``step`` with the state as explicit inputs and
+outputs, checked with onnxruntime; bad input.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from seqapps.kernels.gla_cpu import gla_cpu
 
 MARKS = {  # the backends that cannot run everywhere
     "cpu": pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler: the fused CPU kernel is not built"),
-    "triton": pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-                                 reason="triton on CPU tensors needs the triton package and TRITON_INTERPRET=1"),
+    "triton": pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+        reason="triton on CPU tensors needs the triton package and TRITON_INTERPRET=1"),
 }
 EMPTY = {"no steps": (2, 0, 3), "empty batch": (0, 5, 3), "no heads": (2, 5, 0)}  # (B, T, H or variates)
 K, V, N = 4, 6, 5
