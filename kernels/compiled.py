@@ -73,7 +73,7 @@ def library(name: str) -> ctypes.CDLL | None:
         if not target.exists():
             try:
                 _build(command, source, target)
-            except (OSError, subprocess.CalledProcessError) as error:
+            except (OSError, subprocess.SubprocessError) as error:  # no compiler, a refused flag, a timeout
                 problems.append(_reason(error))
                 continue
         try:

@@ -146,6 +146,19 @@ def test_without_the_kernel_auto_falls_back_and_cpu_says_why(tmp_path, env):
         assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
 
 
+def test_a_build_that_times_out_falls_back_too(tmp_path, monkeypatch):
+    from seqapps.kernels import compiled
+
+    def too_slow(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs.get("timeout"))
+
+    monkeypatch.setenv("SEQAPPS_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled.subprocess, "run", too_slow)
+    with pytest.warns(UserWarning, match="could not be built .*timed out"):
+        assert compiled.library.__wrapped__("gla") is None
+    assert not any((tmp_path / "kernels").iterdir())  # nothing half-written
+
+
 _NARROW_SIMD = """
 import torch
 from seqapps.kernels.gla import gated_linear_attention
