@@ -76,11 +76,23 @@ def load_pretrained(module, source: str) -> dict:
     return load_matching(module.net, net_state)
 
 
+def check_run_options(cfg: DictConfig) -> None:
+    """One line for a seed that is not an integer, or a trainer limit that trains nothing
+    (``max_epochs=0`` or ``max_steps=0`` left a run folder without a checkpoint behind)."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise InputError(f"seed={cfg.seed!r}; expected an integer")
+    for limit in ("max_epochs", "max_steps"):
+        value = cfg.trainer.get(limit)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
+            raise InputError(f"trainer.{limit}={value!r}; expected a positive integer (or -1: no limit)")
+
+
 def run_train(cfg: DictConfig) -> Path:
     """Fit ``cfg`` (``train.yaml``, or ``finetune.yaml`` whose ``pretrained`` names the weights
     to start from); returns the run folder."""
     import lightning as L
 
+    check_run_options(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = cfg.ckpt_path
     if resume and not Path(resume).is_file():

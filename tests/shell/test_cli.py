@@ -129,6 +129,8 @@ def _snapshot(folder):
     (["task=nope"], "nope"),
     (["ckpt_path={run}/checkpoints/last.ckpt", "data.path=does/not/exist.csv"], "no file at"),
     (["data.batch_size=0"], "data.batch_size=0; expected an integer of at least 1"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0; expected a positive integer (or -1: no limit)"),
+    (["seed=abc"], "seed='abc'; expected an integer"),
     (["experiment=digits_mixers", "data.num_workers=-1"], "data.num_workers=-1; expected an integer of at least 0"),
 ])
 def test_bad_input_one_line_nonzero_exit_nothing_written(trained_run, tmp_path, capsys, args, expected):
