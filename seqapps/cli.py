@@ -47,13 +47,11 @@ def _evaluate(cfg):
 
 
 def _export(cfg):
-    from pathlib import Path
-
     from seqapps.export import export_checkpoint
-    from seqapps.runs import resolve_checkpoint
+    from seqapps.runs import expect_writable, resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg.run, cfg.ckpt, cfg.which)
-    out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "export"
+    out = expect_writable(cfg.out or ckpt.resolve().parent.parent / "export", "out", folder=True)
     summary = export_checkpoint(ckpt, out, tolerance=cfg.tolerance)
     print(f"exported {ckpt} -> {summary['folder']} ({summary['parameters']:,} parameters; "
           f"ONNX vs PyTorch largest difference {summary['onnx_max_diff']:.2e}"

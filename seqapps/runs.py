@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
 from datetime import datetime
@@ -31,12 +32,15 @@ def new_run_dir(root: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def expect_writable(path: str | os.PathLike, option: str) -> Path:
-    """Raise one line unless a file can be written at ``path`` (its folders created as needed):
-    checked before a long job, so that its result is not lost at the end."""
+def expect_writable(path: str | os.PathLike, option: str, folder: bool = False) -> Path:
+    """Raise one line unless a file (``folder``: a folder, replacing one that is there) can be
+    written at ``path``, its parent folders created as needed: checked before a long job, so that
+    its result is not lost at the end."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{option}={path} is a folder; give a file path such as {path / 'bench.json'}")
+    if path.is_dir() and not folder:
+        raise InputError(f"{option}={path} is a folder; give the path of a file inside it")
+    if path.is_file() and folder:
+        raise InputError(f"{option}={path} is a file; give the path of a folder")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -127,7 +131,15 @@ def resolve_checkpoint(run: str | None, ckpt: str | None, which: str = "best", o
 
 
 def load_checkpoint_dict(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The saved dictionary of a checkpoint file; one line if the file is not one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        # torch's unpickling errors are paragraphs about weights_only; the others say what broke
+        lines = [] if isinstance(error, pickle.UnpicklingError) else str(error).strip().splitlines()
+        reason = (lines or [f"{type(error).__name__}: not a checkpoint's format"])[0][:160]
+        raise InputError(f"'{path}' is not a readable PyTorch checkpoint ({reason}); give a .ckpt written by "
+                         "`seqapps train`") from None
 
 
 def load_module(path: str | os.PathLike):

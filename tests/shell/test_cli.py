@@ -170,6 +170,28 @@ def test_a_folder_without_checkpoints_is_named_by_its_option(verb, option, tmp_p
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("verb, option", [("evaluate", "ckpt"), ("export", "ckpt"), ("predict", "model"),
+                                          ("finetune", "pretrained")])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(verb, option, tmp_path, capsys):
+    fake = tmp_path / "model.ckpt"
+    fake.write_text("not a checkpoint")
+    extra = {"predict": [f"input={tmp_path / 'x.csv'}"], "finetune": [f"paths.runs={tmp_path / 'runs'}"]}
+    code = main([verb, f"{option}={fake}", *extra.get(verb, [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is not a readable PyTorch checkpoint" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_export_refuses_an_out_it_cannot_write_before_exporting(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out, message in ((blocker, "is a file; give the path of a folder"),
+                         (blocker / "export", "files cannot be written in")):
+        assert main(["export", f"run={trained_run}", f"out={out}"]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_predict_rejects_short_or_wrong_input(trained_run, tmp_path, capsys):
     frame, _ = ar_frame(n_samples=5)
     frame.to_csv(tmp_path / "short.csv", index=False)
