@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from seqapps.errors import InputError
@@ -24,7 +25,13 @@ def read_export_config(folder: str | os.PathLike) -> dict:
     if not path.is_file() or not (folder / "model.safetensors").is_file():
         raise InputError(f"'{folder}' is not an export folder (it needs config.yaml and "
                          "model.safetensors); make one with `seqapps export run=<run folder>`")
-    return yaml.safe_load(path.read_text())
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"'{path}' is not readable YAML ({str(error).splitlines()[0]}); export the run again") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise InputError(f"'{path}' has no 'model' entry; it was not written by `seqapps export`")
+    return config
 
 
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -34,6 +41,11 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> torch
 
     config = read_export_config(folder)
     model = instantiate(config["model"])
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
+    weights = Path(folder) / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError) as error:  # a damaged file, or weights of another model
+        raise InputError(f"'{weights}' does not load into the model of config.yaml "
+                         f"({str(error).strip().splitlines()[0][:160]}); export the run again") from None
     model.seqapps_config = config
     return model.to(device).eval()

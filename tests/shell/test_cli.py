@@ -3,6 +3,7 @@ help and config printing, and one clear line for each kind of bad input."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import TINY, only_run_dir, read_json, run_cli
 
 import seqapps
 from seqapps.cli import main
+from seqapps.errors import InputError
 from seqapps.tasks.forecasting.data import ar_frame
 
 
@@ -180,6 +182,20 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(verb, option, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "is not a readable PyTorch checkpoint" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (("model.safetensors", b"garbage"), "model.safetensors' does not load into the model of config.yaml"),
+    (("config.yaml", b"model: ["), "config.yaml' is not readable YAML"),
+    (("config.yaml", b"inputs: []"), "config.yaml' has no 'model' entry"),
+], ids=["weights", "yaml", "no model"])
+def test_a_damaged_export_folder_is_one_line(trained_run, tmp_path, damage, message):
+    folder = tmp_path / "export"
+    shutil.copytree(trained_run / "export", folder)
+    name, content = damage
+    (folder / name).write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        seqapps.load(folder)
 
 
 def test_export_refuses_an_out_it_cannot_write_before_exporting(trained_run, tmp_path, capsys):
