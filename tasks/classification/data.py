@@ -93,7 +93,7 @@ class ImageDataModule(SplitsDataModule):
             self.class_names = folders["train"].classes
             folders.setdefault("val", folders.get("test", folders["train"]))
             folders.setdefault("test", folders["val"])
-        stats = torch.stack([folders["train"][i][0] for i in range(min(len(folders["train"]), 512))])
+        stats = torch.stack([_read(folders["train"], i)[0] for i in range(min(len(folders["train"]), 512))])
         self.mean, self.std = float(stats.mean()), float(stats.std())
         self.splits = {s: _Standardised(d, self.mean, self.std) for s, d in folders.items()}
         self.source = f"ImageFolder '{root}'"
@@ -112,5 +112,15 @@ class _Standardised(Dataset):
         return len(self.data)
 
     def __getitem__(self, i):
-        x, y = self.data[i]
+        x, y = _read(self.data, i)
         return (x - self.mean) / self.std, y
+
+
+def _read(data: Dataset, i: int):
+    """Item ``i`` of an image dataset; one line naming the file when it is not an image."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return data[i]
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"data.path: an image cannot be read ({err}); remove or replace the file") from None

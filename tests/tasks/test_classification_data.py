@@ -62,3 +62,7 @@ def test_bad_folder_and_dataset_are_one_line(tmp_path):
         ImageDataModule(path=str(tmp_path / "empty")).load()
     with pytest.raises(InputError, match="not a bundled dataset"):
         ImageDataModule(dataset="cifar").load()
+    root = _write_folder(tmp_path / "imgs")
+    (root / "dog" / "3.png").write_text("not an image")
+    with pytest.raises(InputError, match=r"an image cannot be read \(.*dog/3.png"):
+        ImageDataModule(path=str(root)).load()
