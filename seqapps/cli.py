@@ -60,9 +60,8 @@ def _export(cfg):
 
 def _bench(cfg):
     from seqapps.bench import markdown, run_bench, write_result
-    from seqapps.tasks.build import to_plain
-
     from seqapps.runs import expect_writable
+    from seqapps.tasks.build import to_plain
 
     options = to_plain(cfg)
     out = expect_writable(options.pop("out"), "out")

@@ -28,7 +28,8 @@ def read_export_config(folder: str | os.PathLike) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise InputError(f"'{path}' is not readable YAML ({str(error).splitlines()[0]}); export the run again") from None
+        raise InputError(f"'{path}' is not readable YAML ({str(error).splitlines()[0]}); "
+                         "export the run again") from None
     if not isinstance(config, dict) or "model" not in config:
         raise InputError(f"'{path}' has no 'model' entry; it was not written by `seqapps export`")
     return config

@@ -41,14 +41,14 @@ def expect_writable(path: str | os.PathLike, option: str, folder: bool = False) 
         raise InputError(f"{option}={path} is a folder; give the path of a file inside it")
     if path.is_file() and folder:
         raise InputError(f"{option}={path} is a file; give the path of a folder")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        with tempfile.TemporaryFile(dir=folder):  # what writing there needs, tried (and removed)
+        with tempfile.TemporaryFile(dir=existing):  # what writing there needs, tried (and removed)
             pass
     except OSError:
-        raise InputError(f"{option}={path}: files cannot be written in {folder}; choose another path") from None
+        raise InputError(f"{option}={path}: files cannot be written in {existing}; choose another path") from None
     return path
 
 
