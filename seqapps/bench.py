@@ -280,6 +280,9 @@ def _device(device: str) -> torch.device:
         raise InputError(f"bench: device={device!r}; expected auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"bench: device={device!r} but no CUDA GPU is visible here; use device=cpu (or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"bench: device={device!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                         "use cuda:0 .. cuda:N-1")
     return dev
 
 

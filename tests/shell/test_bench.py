@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 from conftest import run_cli
 
 from seqapps.bench import markdown, run_bench
@@ -78,3 +79,10 @@ def test_bench_cli_refuses_an_unwritable_out_before_running(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
         assert "matmul ceiling" not in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_cuda_device_beyond_those_visible_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match=r"device='cuda:5' but only 1 CUDA GPU\(s\) are visible"):
+        run_bench(device="cuda:5", log=lambda _: None)
