@@ -64,6 +64,11 @@ def expect_shape(name: str, tensor: torch.Tensor | None, shape: tuple, layout: s
         raise InputError(f"{name} has shape {list(tensor.shape)}; expected {want} ({layout})")
 
 
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the kernels accumulate in for inputs like ``x``: float64 for float64, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def expect_tensors(layout: str, **tensors: torch.Tensor | None) -> None:
     """Raise one line unless each given input (``None``: not given) is a floating-point tensor."""
     for name, tensor in tensors.items():
@@ -96,7 +101,7 @@ def nothing_to_scan(output: torch.Tensor, initial_state: torch.Tensor | None, st
     output (copied, so that it stays in the autograd graph of the input it was taken from), and,
     when asked, the state unchanged: a copy of ``initial_state`` (zeros ``state_shape`` when
     absent) in the accumulation dtype, float32 (float64 for float64 inputs), as the backends give."""
-    acc = torch.float64 if output.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(output)
     if not output_final_state:
         return output.clone(), None
     if initial_state is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from seqapps.kernels.backend import (expect_shape, expect_state_dims, expect_tensors, nothing_to_scan,
-                                     resolve_backend)
+from seqapps.kernels.backend import (accumulation_dtype, expect_shape, expect_state_dims, expect_tensors,
+                                     nothing_to_scan, resolve_backend)
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -62,7 +62,7 @@ def delta_rule_recurrent(q, k, v, beta, g=None, scale=None, initial_state=None, 
     """The loop over time: the oracle of the tests (float32 accumulation, float64 for float64)."""
     b, t, h, dk = q.shape
     scale = dk ** -0.5 if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     state = (torch.zeros(b, h, dk, v.shape[-1], dtype=acc, device=q.device) if initial_state is None
              else initial_state.to(acc))
     outputs = []

@@ -70,7 +70,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.kernels.backend import expect_chunk_size
+from seqapps.kernels.backend import accumulation_dtype, expect_chunk_size
 
 
 def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -82,7 +82,7 @@ def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     expect_chunk_size(chunk_size)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     chunk = 1 << (min(chunk_size, max(t, 1)) - 1).bit_length()
     n_chunks = -(-t // chunk)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from seqapps.kernels.backend import (expect_shape, expect_state_dims, expect_tensors, nothing_to_scan,
-                                     resolve_backend)
+from seqapps.kernels.backend import (accumulation_dtype, expect_shape, expect_state_dims, expect_tensors,
+                                     nothing_to_scan, resolve_backend)
 
 
 def gla_cpu_available() -> bool:
@@ -70,7 +70,7 @@ def gla_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=Fals
     """The loop over time, written to be read: the oracle of the tests. Accumulates in float32
     (float64 for float64 inputs)."""
     b, t, h, dk = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     state = (torch.zeros(b, h, dk, v.shape[-1], dtype=acc, device=q.device) if initial_state is None
              else initial_state.to(acc))
     outputs = []

@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.kernels.backend import expect_chunk_size
+from seqapps.kernels.backend import accumulation_dtype, expect_chunk_size
 
 # Numbers per ``[chunks, C, D]`` slab of a tile: a few MB, so that a tile's working set stays in
 # cache, and few enough tiles that per-operation overhead stays small.
@@ -79,7 +79,7 @@ def gla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     expect_chunk_size(chunk_size)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     chunk = _next_power_of_two(min(chunk_size, max(length, 1)))
     n_chunks = -(-length // chunk)
     padded = n_chunks * chunk
@@ -112,7 +112,7 @@ def gla_chunk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     ``torch.export`` and the ONNX exporter trace (``gla_chunk`` hands over to it while exporting),
     and a second reference for the fast path. Same shapes and dtypes as ``gla_chunk``."""
     batch, length, heads, key_dim = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     chunk = min(chunk_size, max(length, 1))
     n_chunks = -(-length // chunk)
     padded = n_chunks * chunk

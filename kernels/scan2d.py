@@ -59,7 +59,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from seqapps.errors import InputError
-from seqapps.kernels.backend import expect_shape, nothing_to_scan
+from seqapps.kernels.backend import accumulation_dtype, expect_shape, nothing_to_scan
 
 BACKENDS = ("auto", "recurrent", "chunk")
 SWEEPS = ("auto", "variates", "time")
@@ -96,11 +96,6 @@ def scan2d(x: torch.Tensor, delta_time: torch.Tensor, delta_variate: torch.Tenso
     if backend == "recurrent":
         return scan2d_recurrent(*args)
     return scan2d_chunk(*args)
-
-
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def axis_coefficients(x: torch.Tensor, delta: torch.Tensor, A_self: torch.Tensor, A_cross: torch.Tensor,

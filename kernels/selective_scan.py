@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqapps.kernels.backend import (expect_shape, expect_state_dims, expect_tensors, nothing_to_scan,
-                                     resolve_backend)
+from seqapps.kernels.backend import (accumulation_dtype, expect_shape, expect_state_dims, expect_tensors,
+                                     nothing_to_scan, resolve_backend)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -93,7 +93,7 @@ def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              negative_eigenvalues=False, initial_state=None, output_final_state=False):
     """The loop over time: the oracle of the tests (float32 accumulation, float64 for float64)."""
     b, t, d = u.shape
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(u)
     dt = discretize(delta.to(acc), None if delta_bias is None else delta_bias.to(acc), delta_softplus)
     state = (torch.zeros(b, d, A.shape[-1], dtype=acc, device=u.device) if initial_state is None
              else initial_state.to(acc))

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from seqapps.kernels.backend import expect_chunk_size
+from seqapps.kernels.backend import accumulation_dtype, expect_chunk_size
 from seqapps.kernels.selective_scan import discretize
 
 
@@ -65,7 +65,7 @@ def selective_scan_chunk(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     batch, t, d = u.shape
     n = A.shape[-1]
     groups = 1 if B.ndim == 3 else B.shape[2]
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(u)
     c = min(chunk_size, t)
     n_chunks = math.ceil(t / c)
 

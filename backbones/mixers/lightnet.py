@@ -78,6 +78,7 @@ from seqapps.backbones.layers import GatedRMSNorm
 from seqapps.backbones.mixer import Mixer, State, register_mixer
 from seqapps.errors import InputError
 from seqapps.kernels import gated_linear_attention
+from seqapps.kernels.backend import accumulation_dtype
 
 # The derived gate l_{t-1} - l_t is -inf at the first token ever seen (nothing to keep) and
 # very negative when one key outweighs all before it. It is floored here: exp(-30) ~ 1e-13 is
@@ -102,7 +103,7 @@ def additive_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle
     log_normaliser [B, H, K])``; computed in float32 (float64 for float64 inputs).
     """
     batch, length, heads, key_dim = k.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     k = k.to(acc)
     if initial_log_normaliser is None:
         initial_log_normaliser = k.new_full((batch, heads, key_dim), float("-inf"))

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from seqapps.kernels.backend import accumulation_dtype
+
 MAX_CHECKPOINT_EVERY = 64
 
 
@@ -265,7 +267,7 @@ class _SelectiveScan(torch.autograd.Function):
         batch, t, d = u.shape
         n = A.shape[-1]
         groups = B.shape[2]
-        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(u)
         # On a GPU the chunk length is a compile-time constant: a power of two keeps the number of
         # compiled variants small. The interpreter compiles nothing, so it skips the padding steps.
         chunk = min(checkpoint_every or MAX_CHECKPOINT_EVERY,
