@@ -84,7 +84,8 @@ def test_runs_on_pytorchs_own_openmp_threads():
     that one pool of threads does both (a second runtime would put its threads beside PyTorch's)."""
     torch_gomp = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
     if not (os.path.exists(torch_gomp) and os.path.exists("/proc/self/maps")):
-        pytest.skip("PyTorch does not ship libgomp.so.1 here: there is no runtime to share")
+        pytest.skip("PyTorch ships no libgomp.so.1 here (macOS, Windows), or /proc cannot show the libraries "
+                    "mapped: no shared OpenMP runtime to check")
     assert available()  # loaded
     maps = open("/proc/self/maps").read()
     gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
